@@ -1,0 +1,39 @@
+# Quick start: `make demo` (installs and runs the recall experiment) and `make test` (installs dev extras, runs the tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch==2.13.0 is the CPU build on the dev/CI disk; installing it first keeps pip from pulling a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install install-dev test test-all lint demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+install: $(PY)
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e .
+
+install-dev: $(PY)
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[dev]"
+
+test: install-dev
+	$(PY) -m pytest -q -m "not slow" -n 0 2>/dev/null || $(PY) -m pytest -q -m "not slow"
+
+test-all: install-dev
+	$(PY) -m pytest -q
+
+lint: install-dev
+	$(PY) -m ruff check .
+
+demo: install
+	$(PY) -m mcrnn.ops.demo
+
+bench: install
+	$(PY) benchmarks/ops.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,159 @@
+"""Chunk-parallel linear attention with scalar decay, segment resets and state snapshots."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mcrnn.ops.utils import check_gate, check_qkv, compute_dtype, default_scale, to_heads_first
+
+CHUNK_SIZE = 64
+
+
+def _log_decay(decay: torch.Tensor) -> torch.Tensor:
+    # A gate of exactly 0 would give log 0 = -inf and then -inf - (-inf) = NaN inside a chunk; a floor of
+    # -60 per token is exp(-60) ~ 1e-26, i.e. zero for every dtype we compute in.
+    return torch.log(decay.clamp_min(1e-26)).clamp_min(-60.0)
+
+
+def linear_scan(
+    q: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor | None = None,
+    resets: Sequence[int] = (),
+    initial_state: torch.Tensor | None = None,
+    positions: Sequence[int] = (),
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """The recurrence `S_t = a_t S_{t-1} + k_t v_tᵀ`, `o_t = q_tᵀ S_t`, computed chunk by chunk.
+
+    Heads-first layout, already in the compute dtype and already scaled:
+    `q, k: [B, H, T, K]`, `v: [B, H, T, V]`, `log_decay: [B, H, T]` (None: no decay),
+    `initial_state: [B, H, K, V]` (None: zeros).
+    `resets`: token positions at which the state restarts from zero *before* that token's update.
+    `positions`: exclusive ends `e` in `1..T` whose state (after token `e - 1`) is returned.
+
+    Returns `o: [B, H, T, V]` (None when `q` is None), the snapshots `[B, H, len(positions), K, V]`
+    (None when empty) and the final state `[B, H, K, V]`.
+    The only Python loop is over chunks (`T / chunk_size` steps of a `[K, V]` update).
+    """
+    B, H, T, K = k.shape
+    V = v.shape[-1]
+    c = min(chunk_size, T)
+    n = -(-T // c)
+    pad = n * c - T
+    dev, dt = k.device, k.dtype
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        return x.reshape(B, H, n, c, x.shape[-1])
+
+    kc, vc = chunks(k), chunks(v)
+    if log_decay is not None:
+        g = F.pad(log_decay, (0, pad)).reshape(B, H, n, c).cumsum(-1)
+    else:
+        g = None
+    reset_flags = torch.zeros(n * c, dtype=torch.long, device=dev)
+    if len(resets):
+        reset_flags[torch.as_tensor(list(resets), dtype=torch.long, device=dev)] = 1
+    rc = reset_flags.reshape(n, c).cumsum(-1)  # resets seen so far inside the chunk
+    has_resets = len(resets) > 0
+    causal = torch.ones(c, c, dtype=torch.bool, device=dev).tril()
+    mask = causal & (rc[:, :, None] == rc[:, None, :]) if has_resets else causal.expand(n, c, c)
+
+    def decay_between(g_to: torch.Tensor, g_from: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """`exp(g_to - g_from)` where `keep`, else 0 (masked before the exp: no overflow, no NaN)."""
+        if g_to is None:
+            return keep.to(dt)
+        return torch.exp((g_to - g_from).masked_fill(~keep, float("-inf")))
+
+    # Contribution of each chunk to the state at its end, and how the incoming state is carried through.
+    end_keep = rc == rc[:, -1:]  # [n, c]
+    w_end = decay_between(g[..., -1:] if g is not None else None, g, end_keep.expand(B, H, n, c))
+    delta = (kc * w_end.unsqueeze(-1)).transpose(-1, -2) @ vc  # [B, H, n, K, V]
+    carry = rc[:, -1] == 0  # [n]
+    carry_w = carry.to(dt).expand(B, H, n) if g is None else torch.exp(g[..., -1]) * carry.to(dt)
+
+    state = initial_state if initial_state is not None else k.new_zeros(B, H, K, V)
+    starts = []
+    for i in range(n):
+        starts.append(state)
+        state = carry_w[:, :, i, None, None] * state + delta[:, :, i]
+    start_states = torch.stack(starts, dim=2)  # [B, H, n, K, V]: the state entering each chunk
+
+    o = None
+    if q is not None:
+        qc = chunks(q)
+        intra = decay_between(
+            g.unsqueeze(-1) if g is not None else None,
+            g.unsqueeze(-2) if g is not None else None,
+            mask.expand(B, H, n, c, c),
+        )
+        o = ((qc @ kc.transpose(-1, -2)) * intra) @ vc
+        in_keep = (rc == 0).to(dt)
+        q_in = qc * (in_keep if g is None else torch.exp(g) * in_keep).unsqueeze(-1)
+        o = (o + q_in @ start_states).reshape(B, H, n * c, V)[:, :, :T]
+
+    snapshots = None
+    if len(positions):
+        p = torch.as_tensor(list(positions), dtype=torch.long, device=dev) - 1
+        ci, off = p // c, p % c
+        ar = torch.arange(c, device=dev)
+        keep = (ar[None, :] <= off[:, None]) & (rc[ci] == rc[ci, off][:, None])  # [E, c]
+        if g is not None:
+            ge = g[:, :, ci]  # [B, H, E, c]
+            g_at = ge.gather(-1, off.view(1, 1, -1, 1).expand(B, H, -1, 1))
+            w = decay_between(g_at, ge, keep.expand_as(ge))
+            carry_e = torch.exp(g_at[..., 0]) * (rc[ci, off] == 0).to(dt)
+        else:
+            w = keep.to(dt).expand(B, H, -1, c)
+            carry_e = (rc[ci, off] == 0).to(dt).expand(B, H, -1)
+        part = (kc[:, :, ci] * w.unsqueeze(-1)).transpose(-1, -2) @ vc[:, :, ci]
+        snapshots = carry_e[..., None, None] * start_states[:, :, ci] + part
+    return o, snapshots, state
+
+
+def chunk_linear(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    decay: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Decayed) linear attention, chunk-parallel: `S_t = a_t S_{t-1} + k_t v_tᵀ`, `o_t = scale · q_tᵀ S_t`.
+
+    Args:
+        q, k: `[B, T, H, K]`; v: `[B, T, H, V]`.
+        decay: `[B, T, H]` gate `a_t` in [0, 1] (None: 1, plain linear attention).
+        scale: multiplies q; default `K ** -0.5`.
+        initial_state: `[B, H, K, V]`.
+    Returns:
+        `o: [B, T, H, V]` in q's dtype and, if `output_final_state`, the final state `[B, H, K, V]` (float32,
+        or float64 for float64 inputs).
+    """
+    B, T, H, K, V = check_qkv(q, k, v)
+    check_gate("decay", decay, B, T, H)
+    check_state(initial_state, B, H, K, V)
+    dt = compute_dtype(q)
+    scale = default_scale(scale, K)
+    log_a = _log_decay(to_heads_first(decay, dt)) if decay is not None else None
+    s0 = initial_state.to(dt) if initial_state is not None else None
+    o, _, final = linear_scan(
+        to_heads_first(q, dt) * scale, to_heads_first(k, dt), to_heads_first(v, dt), log_a, initial_state=s0
+    )
+    return o.transpose(1, 2).to(q.dtype), (final if output_final_state else None)
+
+
+def check_state(state: torch.Tensor | None, B: int, H: int, K: int, V: int, name: str = "initial_state") -> None:
+    if state is None:
+        return
+    if not isinstance(state, torch.Tensor) or tuple(state.shape) != (B, H, K, V):
+        shape = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+        raise ValueError(f"`{name}` must be a tensor of shape [B, H, K, V] = [{B}, {H}, {K}, {V}], got {shape}")

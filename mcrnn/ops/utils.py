@@ -1,0 +1,68 @@
+"""Shared checks and dtype helpers for the ops (torch only)."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """States and accumulations are float32 whatever the input dtype (float64 stays float64 for tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """Validate `q, k: [B, T, H, K]`, `v: [B, T, H, V]`; return `(B, T, H, K, V)`."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"`{name}` must have shape [B, T, H, D] (4 dims), got {tuple(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"`{name}` must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"`k` must have the shape of `q` {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"`v` must have shape [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+    if T < 1:
+        raise ValueError("the sequence is empty: `q` must have at least one token (T >= 1)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"`q`, `k`, `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError("`q`, `k`, `v` must be on one device")
+    return B, T, H, K, v.shape[-1]
+
+
+def check_gate(
+    name: str, g: torch.Tensor | None, B: int, T: int, H: int, lo: float | None = 0.0, hi: float | None = 1.0
+) -> None:
+    """Per-token per-head gates are `[B, T, H]`; `lo`/`hi` bound their values (None: unbounded)."""
+    if g is None:
+        return
+    if not isinstance(g, torch.Tensor):
+        raise ValueError(f"gate `{name}` must be a tensor of shape [B, T, H], got {type(g).__name__}")
+    if tuple(g.shape) != (B, T, H):
+        raise ValueError(f"gate `{name}` must have shape [B, T, H] = [{B}, {T}, {H}], got {tuple(g.shape)}")
+    if not torch.isfinite(g).all():
+        raise ValueError(f"gate `{name}` contains NaN or inf")
+    if lo is not None and hi is not None:
+        if bool(((g < lo) | (g > hi)).any()):
+            raise ValueError(
+                f"gate `{name}` must lie in [{lo}, {hi}] (use a sigmoid), got values in "
+                f"[{g.min().item():.4g}, {g.max().item():.4g}]"
+            )
+
+
+def default_scale(scale: float | None, K: int, default: float | None = None) -> float:
+    if scale is None:
+        return K**-0.5 if default is None else default
+    if not isinstance(scale, (int, float)) or not (scale == scale) or scale in (float("inf"), float("-inf")):
+        raise ValueError(f"`scale` must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def to_heads_first(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`[B, T, H, D] -> [B, H, T, D]` (gates `[B, T, H] -> [B, H, T]`) in the compute dtype."""
+    return x.transpose(1, 2).to(dtype)
