@@ -1,0 +1,334 @@
+"""Memory Caching, chunk-parallel: the memory runs once (chunk-parallel) over the whole call, its states at
+segment ends become the caches, and the reads of the caches are aggregated block by block.
+
+Nothing of size `T × T` is built. The reads of one block of tokens against its visible caches
+(`[block, N, V]`) exist only inside that block's computation, which is recomputed in the backward pass
+(`torch.utils.checkpoint`), so stored activations stay `O(T)` plus the `N` cached states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from mcrnn.ops.memories import Memory, State
+from mcrnn.ops.memory_caching.plan import Plan, make_plan
+from mcrnn.ops.memory_caching.state import (
+    MCOptions,
+    MCState,
+    check_gates,
+    check_initial_state,
+    initial_mc_state,
+    make_options,
+)
+from mcrnn.ops.utils import check_qkv, compute_dtype, to_heads_first
+
+#: tokens per aggregation block (whole segments are grouped up to this size; longer segments are split)
+BLOCK_TOKENS = 256
+#: queries per tile in the grouped reads of `ssc`
+TILE = 32
+
+
+def memory_caching(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor | None = None,
+    *,
+    memory: str = "linear",
+    gates: dict[str, torch.Tensor] | None = None,
+    params: dict | None = None,
+    segment_size: int = 256,
+    segmentation: str = "constant",
+    boundaries: Sequence[int] | None = None,
+    init: str = "checkpoint",
+    aggregation: str = "grm",
+    top_k: int | None = None,
+    scale: float | None = None,
+    score_scale: float | None = None,
+    mini_batch: int | None = None,
+    initial_state: MCState | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, MCState | None]:
+    """Memory Caching over a recurrent memory (SPEC §2), chunk-parallel.
+
+    Args:
+        q, k: `[B, T, H, K]`; v: `[B, T, H, V]`; u: `[B, T, H, K]` router/score queries (None: `u = q`).
+        memory: "linear" | "swla" (| "dla" | "titans" when registered).
+        gates: the memory's gates by name, each `[B, T, H]` in [0, 1] (linear: `decay`; swla: `decay`,
+            `prev`, `cur`); missing gates default to 1.
+        params: learned initial weights of deep memories (None for linear memories).
+        segment_size: tokens per segment (`constant`) or per unit (`logarithmic`).
+        segmentation: "constant" | "logarithmic" | "boundaries" (then `boundaries` = segment end positions,
+            exclusive, relative to this call, shared by the batch).
+        init: "checkpoint" (the memory runs on; caches are snapshots) | "independent" (each segment starts
+            from M_0).
+        aggregation: "none" | "residual" | "grm" | "soup" | "ssc" (needs `top_k`) | "mean".
+        scale: multiplies q before reading (default `K ** -0.5` for linear memories, 1 for deep ones).
+        score_scale: multiplies the scores `<u_t, p_i>` (default `K ** -0.5`).
+        mini_batch: deep memories' mini-batch size.
+        initial_state: an :class:`MCState` from a previous call: the call continues that sequence.
+    Returns:
+        `o: [B, T, H, V]` in q's dtype and, if `output_final_state`, the :class:`MCState` after the last token.
+    """
+    B, T, H, K, V = check_qkv(q, k, v)
+    if u is not None and (not isinstance(u, torch.Tensor) or tuple(u.shape) != (B, T, H, K)):
+        raise ValueError(f"`u` must have the shape of `q` {tuple(q.shape)}, got {getattr(u, 'shape', u)}")
+    opts = make_options(
+        memory=memory, aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init,
+        top_k=top_k, scale=scale, score_scale=score_scale, params=params, mini_batch=mini_batch,
+        boundaries=boundaries, K=K, V=V, H=H,
+    )
+    gates = check_gates(gates, opts.memory, B, T, H)
+    dt = compute_dtype(q)
+    if initial_state is None:
+        state = initial_mc_state(opts, B, H, K, V, q.new_zeros((), dtype=dt))
+    else:
+        state = check_initial_state(initial_state, opts, B, H, K, dt)
+    plan = make_plan(T, opts, state, boundaries)
+    qh, kh, vh = (to_heads_first(x, dt) for x in (q, k, v))
+    uh = to_heads_first(u, dt) if u is not None else qh
+    gh = {n: to_heads_first(g, dt) for n, g in gates.items()}
+
+    need_caches = opts.aggregation != "none" or output_final_state
+    r, final_online, pool_states = _run_memories(opts, plan, state, qh, kh, vh, gh, need_caches)
+    if opts.aggregation == "none":
+        o = r
+    else:
+        pool_key_sum, seg_sums = _key_sums(plan, state, kh)
+        p_on = _online_summary(plan, state, kh)
+        counts = torch.tensor([e.count for e in plan.entries], dtype=dt, device=q.device)
+        pool_p = pool_key_sum / counts[:, None]
+        o = _aggregate(opts, plan, qh, uh, r, p_on, pool_states, pool_p)
+    o = o.transpose(1, 2).to(q.dtype)
+    if not output_final_state:
+        return o, None
+    if opts.aggregation == "none":
+        pool_key_sum, seg_sums = _key_sums(plan, state, kh)
+    return o, _final_state(opts, plan, state, final_online, pool_states, pool_key_sum, seg_sums)
+
+
+def _run_memories(
+    opts: MCOptions, plan: Plan, state: MCState, q, k, v, gates, need_caches: bool
+) -> tuple[torch.Tensor, dict, State]:
+    """Run the online memory (and the Fenwick levels of independent logarithmic MC) over the call.
+
+    Returns the online outputs `r: [B, H, T, V]`, the final states of every run and the pool of cached
+    states `{name: [B, H, P, ...]}` (the initial caches, then the new ones in order of creation)."""
+    mem = opts.memory
+    seg_starts = [s for j, s in enumerate(plan.seg_start) if not (j == 0 and plan.continues)]
+    common = dict(segment_starts=seg_starts, offset=state.seg_len, scale=opts.scale, params=opts.params,
+                  mini_batch=opts.mini_batch)
+    finals, snaps = {}, {}
+    for lv, run in plan.runs.items():
+        if lv == 0:
+            init = state.online
+        elif run.init_from[0] == "level":
+            init = state.levels[run.init_from[1]]
+        else:
+            init = state.online
+        positions = run.positions if need_caches else []
+        o, snap, final = mem.scan(q if lv == 0 else None, k, v, gates, initial=init, resets=run.resets,
+                                  positions=positions, **common)
+        if lv == 0:
+            r = o
+        finals[lv], snaps[lv] = final, snap
+    new = [e for e in plan.entries if e.initial is None]
+    pool = dict(state.cache)
+    if need_caches and new:
+        taken = {lv: 0 for lv in plan.runs}
+        order = []
+        for e in new:
+            order.append((e.run, taken[e.run]))
+            taken[e.run] += 1
+        pieces = {}
+        for n in pool:
+            per_run = {lv: snaps[lv][n] for lv in plan.runs if snaps[lv] is not None}
+            # gather the new caches in creation order across the runs
+            pieces[n] = torch.stack([per_run[lv][:, :, i] for lv, i in order], dim=2)
+        pool = {n: torch.cat([pool[n], pieces[n]], dim=2) for n in pool}
+    return r, finals, pool
+
+
+def _segment_of_tokens(plan: Plan, T: int, device) -> torch.Tensor:
+    lengths = torch.tensor([e - s for s, e in zip(plan.seg_start, plan.seg_end)], device=device)
+    return torch.repeat_interleave(torch.arange(plan.n_segments, device=device), lengths, output_size=T)
+
+
+def _key_sums(plan: Plan, state: MCState, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key sums of every pool entry `[B, H, P, K]` and of every local segment `[B, H, n_seg, K]`."""
+    # float64 prefix sums: a difference of two long float32 prefix sums would lose the segment's keys
+    csum = torch.nn.functional.pad(k.to(torch.float64).cumsum(2), (0, 0, 1, 0))
+    starts = torch.tensor(plan.seg_start, device=k.device)
+    ends = torch.tensor(plan.seg_end, device=k.device)
+    seg_sums = (csum[:, :, ends] - csum[:, :, starts]).to(k.dtype)
+    N0 = state.num_caches
+    basis = torch.cat([state.key_sum.unsqueeze(2), state.cache_key_sum, seg_sums], dim=2)
+    mix = torch.zeros(len(plan.entries), basis.shape[2], dtype=k.dtype, device=k.device)
+    for i, e in enumerate(plan.entries):
+        for atom in e.atoms:
+            col = 0 if atom[0] == "carry" else (1 + atom[1] if atom[0] == "init" else 1 + N0 + atom[1])
+            mix[i, col] = 1.0
+    return torch.einsum("pa,bhak->bhpk", mix, basis), seg_sums
+
+
+def _online_summary(plan: Plan, state: MCState, k: torch.Tensor) -> torch.Tensor:
+    """`p_s(t)`: running mean of the keys of the token's segment up to and including it, `[B, H, T, K]`."""
+    B, H, T, K = k.shape
+    seg = _segment_of_tokens(plan, T, k.device)
+    csum = torch.nn.functional.pad(k.to(torch.float64).cumsum(2), (0, 0, 1, 0))
+    starts = torch.tensor(plan.seg_start, device=k.device)[seg]
+    total = csum[:, :, 1:] - csum[:, :, starts]
+    count = torch.arange(1, T + 1, device=k.device) - starts
+    if plan.continues:
+        first = seg == 0
+        total = total + first[:, None] * state.key_sum.to(torch.float64).unsqueeze(2)
+        count = count + first * state.seg_len
+    return (total / count[:, None]).to(k.dtype)
+
+
+def _blocks(plan: Plan) -> list[tuple[int, int, int, int]]:
+    """Token blocks `(t0, t1, first segment, last segment)`: whole segments grouped up to BLOCK_TOKENS."""
+    blocks, cur = [], None
+    for j, (s, e) in enumerate(zip(plan.seg_start, plan.seg_end)):
+        if e - s > BLOCK_TOKENS:
+            if cur:
+                blocks.append(cur)
+                cur = None
+            blocks += [(t, min(t + BLOCK_TOKENS, e), j, j) for t in range(s, e, BLOCK_TOKENS)]
+        elif cur is not None and e - cur[0] <= BLOCK_TOKENS:
+            cur = (cur[0], e, cur[2], j)
+        else:
+            if cur:
+                blocks.append(cur)
+            cur = (s, e, j, j)
+    if cur:
+        blocks.append(cur)
+    return blocks
+
+
+def _aggregate(opts, plan, q, u, r, p_on, pool_states, pool_p) -> torch.Tensor:
+    B, H, T, _ = q.shape
+    dev = q.device
+    seg = _segment_of_tokens(plan, T, dev)
+    lo = torch.tensor([e.vis_lo for e in plan.entries], device=dev, dtype=torch.long)
+    hi = torch.tensor([e.vis_hi for e in plan.entries], device=dev, dtype=torch.long)
+    grad = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, u, r, p_on, pool_p, *pool_states.values())
+    )
+    outs = []
+    for t0, t1, sa, sb in _blocks(plan):
+        union = [i for i, e in enumerate(plan.entries) if e.vis_lo <= sb and e.vis_hi > sa]
+        if not union:  # nothing cached yet: every aggregation reduces to the online read
+            outs.append(r[:, :, t0:t1])
+            continue
+        contiguous = union == list(range(union[0], union[-1] + 1))
+        index = slice(union[0], union[-1] + 1) if contiguous else torch.tensor(union, device=dev)
+        s = seg[t0:t1, None]
+        visible = (lo[index][None] <= s) & (s < hi[index][None])  # [t, n]
+        fn = _AggregateBlock(opts, index)
+        args = (q[:, :, t0:t1], u[:, :, t0:t1], r[:, :, t0:t1], p_on[:, :, t0:t1], visible, pool_p,
+                *pool_states.values())
+        names = tuple(pool_states)
+        if grad:
+            o_blk = checkpoint(fn, names, *args, use_reentrant=False)
+        else:
+            o_blk = fn(names, *args)
+        outs.append(o_blk)
+    return torch.cat(outs, dim=2)
+
+
+class _AggregateBlock:
+    """The output of one block of tokens from its online reads and its visible caches (SPEC §2.3)."""
+
+    def __init__(self, opts: MCOptions, index):
+        self.opts, self.index = opts, index
+
+    def __call__(self, names, q, u, r, p_on, visible, pool_p, *pool_values):
+        opts, mem = self.opts, self.opts.memory
+        cache = {n: x[:, :, self.index] for n, x in zip(names, pool_values)}
+        agg = opts.aggregation
+        if agg in ("residual", "mean"):
+            w = visible.to(q.dtype)
+            if agg == "mean":
+                n_read = (visible.sum(-1, keepdim=True) + 1).to(q.dtype)  # the caches + the online memory
+                w, r = w / n_read, r / n_read
+            reads = mem.read_dense(cache, q, opts.scale)  # [B, H, t, n, V]
+            return r + torch.einsum("tn,bhtnv->bhtv", w, reads)
+        p = pool_p[:, :, self.index]
+        z = (u @ p.transpose(-1, -2)) * opts.score_scale  # [B, H, t, n]
+        z = z.masked_fill(~visible, float("-inf"))
+        z_on = (u * p_on).sum(-1, keepdim=True) * opts.score_scale
+        if agg == "ssc" and opts.top_k < z.shape[-1]:
+            z, pick = z.topk(opts.top_k, dim=-1)
+            gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
+            reads = _grouped_reads(mem, cache, q, pick, opts.scale)  # [B, H, t, top_k, V]
+        else:
+            gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
+            if agg == "soup" and not mem.linear_read:
+                raise NotImplementedError(f"soup over the deep memory {mem.name!r} needs the memory's soup read")
+            reads = mem.read_dense(cache, q, opts.scale)
+        return gamma[..., -1:] * r + (gamma[..., :-1].unsqueeze(-1) * reads).sum(-2)
+
+
+def _grouped_reads(mem: Memory, cache: State, q: torch.Tensor, pick: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reads of only the selected caches: `pick: [B, H, t, k]` indexes cache dim 2 -> `[B, H, t, k, V]`.
+
+    The (query, cache) pairs are sorted by cache and packed into tiles of TILE queries sharing one cache, so
+    each selected state is read by a dense `[TILE, K] x state` product instead of being copied per token."""
+    B, H, t, kk = pick.shape
+    N = next(iter(cache.values())).shape[2]
+    K = q.shape[-1]
+    dev = q.device
+    bh = torch.arange(B * H, device=dev).view(B, H, 1, 1)
+    key = (bh * N + pick).reshape(-1)  # which (batch, head, cache) each pair reads
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    groups, counts = torch.unique_consecutive(sorted_key, return_counts=True)
+    tiles_per = (counts + TILE - 1) // TILE
+    first_tile = torch.cumsum(tiles_per, 0) - tiles_per
+    first_pair = torch.cumsum(counts, 0) - counts
+    group_of = torch.repeat_interleave(torch.arange(len(groups), device=dev), counts)
+    rank = torch.arange(key.numel(), device=dev) - first_pair[group_of]
+    tile, slot = first_tile[group_of] + rank // TILE, rank % TILE
+    n_tiles = int(tiles_per.sum())
+    q_pairs = q.unsqueeze(3).expand(B, H, t, kk, K).reshape(-1, K)[order]
+    q_tiles = q.new_zeros(n_tiles, TILE, K).index_put((tile, slot), q_pairs)
+    tile_state = torch.repeat_interleave(groups, tiles_per, output_size=n_tiles)
+    states = {n: x.reshape(B * H * N, *x.shape[3:])[tile_state] for n, x in cache.items()}
+    out = mem.read_groups(states, q_tiles, scale)[tile, slot]  # [pairs, V] in sorted order
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=dev)
+    return out[inverse].view(B, H, t, kk, -1)
+
+
+def _final_state(opts, plan, state, finals, pool_states, pool_key_sum, seg_sums) -> MCState:
+    like = state.key_sum
+    m0 = opts.initial_memory(like)
+    online = m0 if plan.runs[0].final_reset else finals[0]
+    levels = []
+    for lv in sorted(plan.runs):
+        if lv:
+            levels.append(m0 if plan.runs[lv].final_reset else finals[lv])
+    stack = torch.tensor(plan.stack, dtype=torch.long, device=like.device)
+    if plan.completes[-1]:
+        key_sum, seg_len = torch.zeros_like(like), 0
+    else:
+        j = plan.n_segments - 1
+        key_sum = seg_sums[:, :, j] + (state.key_sum if (j == 0 and plan.continues) else 0.0)
+        seg_len = plan.seg_end[j] - plan.seg_start[j] + (state.seg_len if (j == 0 and plan.continues) else 0)
+    return MCState(
+        online=online,
+        cache={n: x.index_select(2, stack) for n, x in pool_states.items()},
+        cache_key_sum=pool_key_sum.index_select(2, stack),
+        cache_count=[plan.entries[i].count for i in plan.stack],
+        cache_level=[plan.entries[i].level for i in plan.stack],
+        key_sum=key_sum,
+        seg_len=seg_len,
+        position=state.position + plan.seg_end[-1],
+        units=plan.units,
+        levels=levels,
+        options=opts.signature(),
+    )

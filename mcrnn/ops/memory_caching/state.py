@@ -1,0 +1,200 @@
+"""The complete decode state of a Memory Caching op, and the options shared by its implementations."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mcrnn.ops.memories import Memory, State, get_memory
+from mcrnn.ops.utils import default_scale
+
+AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc", "mean")
+SEGMENTATIONS = ("constant", "logarithmic", "boundaries")
+INITS = ("checkpoint", "independent")
+
+
+@dataclass
+class MCState:
+    """Everything needed to continue a sequence: pass it back as `initial_state`.
+
+    Tensors have a leading batch dim (so a beam-search reorder is `state.map(lambda x: x[idx])`); the rest are
+    Python ints shared by the batch. `N` is the number of cached memories currently visible.
+
+    Attributes:
+        online: the online memory's state, `{name: [B, H, ...]}`.
+        cache: the cached memories (only what a read needs), `{name: [B, H, N, ...]}`.
+        cache_key_sum: `[B, H, N, K]` sum of the keys of each cached segment (its summary is the mean).
+        cache_count: tokens in each cached segment, length N.
+        cache_level: Fenwick level of each cache (`logarithmic`; 0 otherwise), length N.
+        key_sum: `[B, H, K]` sum of the keys of the open segment so far.
+        seg_len: tokens of the open segment so far.
+        position: tokens consumed so far.
+        units: segments (units, for `logarithmic`) completed so far.
+        levels: `logarithmic` + `independent`: the running memory of each Fenwick level 1, 2, ...
+            (level 0 is `online`); each restarts from M_0 every 2**level units.
+        options: the settings that produced the state; continuing with other settings is an error.
+    """
+
+    online: State
+    cache: State
+    cache_key_sum: torch.Tensor
+    cache_count: list[int] = field(default_factory=list)
+    cache_level: list[int] = field(default_factory=list)
+    key_sum: torch.Tensor | None = None
+    seg_len: int = 0
+    position: int = 0
+    units: int = 0
+    levels: list[State] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+
+    @property
+    def num_caches(self) -> int:
+        return len(self.cache_count)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> MCState:
+        """A new state with `fn` applied to every tensor (e.g. `lambda x: x.index_select(0, beam_idx)`)."""
+        return dataclasses.replace(
+            self,
+            online={n: fn(x) for n, x in self.online.items()},
+            cache={n: fn(x) for n, x in self.cache.items()},
+            cache_key_sum=fn(self.cache_key_sum),
+            key_sum=fn(self.key_sum),
+            cache_count=list(self.cache_count),
+            cache_level=list(self.cache_level),
+            levels=[{n: fn(x) for n, x in lv.items()} for lv in self.levels],
+        )
+
+    def detach(self) -> MCState:
+        return self.map(torch.Tensor.detach)
+
+
+@dataclass
+class MCOptions:
+    """Validated settings of one call (shared by the parallel path, the reference and the decode step)."""
+
+    memory: Memory
+    aggregation: str
+    segmentation: str
+    segment_size: int
+    init: str
+    top_k: int | None
+    scale: float
+    score_scale: float
+    params: dict | None
+    mini_batch: int | None
+    key_dim: int
+    value_dim: int
+
+    def initial_memory(self, like: torch.Tensor) -> State:
+        """M_0 for a batch: `like` is any `[B, H, ...]` tensor of the compute dtype."""
+        return self.memory.init_state(like.shape[0], like.shape[1], self.key_dim, self.value_dim, like, self.params)
+
+    @property
+    def independent(self) -> bool:
+        return self.init == "independent"
+
+    def signature(self) -> dict:
+        return {
+            "memory": self.memory.name,
+            "segmentation": self.segmentation,
+            "segment_size": self.segment_size,
+            "init": self.init,
+        }
+
+
+def make_options(
+    *, memory: str, aggregation: str, segmentation: str, segment_size: int, init: str, top_k: int | None,
+    scale: float | None, score_scale: float | None, params: dict | None, mini_batch: int | None,
+    boundaries: Sequence[int] | None, K: int, V: int, H: int,
+) -> MCOptions:
+    mem = get_memory(memory)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown `aggregation` {aggregation!r}: choose one of {list(AGGREGATIONS)}")
+    if segmentation not in SEGMENTATIONS:
+        raise ValueError(f"unknown `segmentation` {segmentation!r}: choose one of {list(SEGMENTATIONS)}")
+    if init not in INITS:
+        raise ValueError(f"unknown `init` {init!r}: choose one of {list(INITS)}")
+    if not isinstance(segment_size, int) or isinstance(segment_size, bool) or segment_size < 1:
+        raise ValueError(f"`segment_size` must be an integer >= 1, got {segment_size!r}")
+    if aggregation == "ssc":
+        if top_k is None:
+            raise ValueError("`top_k` is required for aggregation='ssc' (how many cached memories each token reads)")
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise ValueError(f"`top_k` must be an integer >= 1, got {top_k!r}")
+    if segmentation == "boundaries" and boundaries is None:
+        raise ValueError("segmentation='boundaries' needs `boundaries` (segment end positions)")
+    if boundaries is not None and segmentation != "boundaries":
+        raise ValueError(f"`boundaries` was given but segmentation={segmentation!r}: use segmentation='boundaries'")
+    if mini_batch is not None and (not isinstance(mini_batch, int) or isinstance(mini_batch, bool) or mini_batch < 1):
+        raise ValueError(f"`mini_batch` must be an integer >= 1, got {mini_batch!r}")
+    if mem.deep:
+        if mini_batch is None:
+            mini_batch = 1
+        if segmentation != "boundaries" and segment_size % mini_batch:
+            raise ValueError(
+                f"`segment_size` ({segment_size}) must be a multiple of `mini_batch` ({mini_batch}) so that "
+                "mini-batches do not straddle segments"
+            )
+    mem.check(K, V, params, mini_batch, H)
+    return MCOptions(
+        memory=mem, aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init,
+        top_k=top_k, scale=default_scale(scale, K, mem.default_scale(K)),
+        score_scale=default_scale(score_scale, K), params=params, mini_batch=mini_batch if mem.deep else None,
+        key_dim=K, value_dim=V,
+    )
+
+
+def check_gates(gates: dict | None, memory: Memory, B: int, T: int, H: int) -> dict[str, torch.Tensor]:
+    from mcrnn.ops.utils import check_gate
+
+    gates = {} if gates is None else gates
+    if not isinstance(gates, dict):
+        raise ValueError(f"`gates` must be a dict of [B, T, H] tensors by name, got {type(gates).__name__}")
+    unknown = set(gates) - set(memory.gate_names)
+    if unknown:
+        raise ValueError(
+            f"`gates` has unknown names {sorted(unknown)} for memory {memory.name!r}: it takes {list(memory.gate_names)}"
+        )
+    for name, g in gates.items():
+        check_gate(name, g, B, T, H)
+    return gates
+
+
+def initial_mc_state(
+    opts: MCOptions, B: int, H: int, K: int, V: int, like: torch.Tensor
+) -> MCState:
+    mem = opts.memory
+    m0 = mem.init_state(B, H, K, V, like, opts.params)
+    empty = {n: x.new_zeros(x.shape[:2] + (0,) + x.shape[2:]) for n, x in mem.readable(m0).items()}
+    return MCState(
+        online=m0, cache=empty, cache_key_sum=like.new_zeros(B, H, 0, K), key_sum=like.new_zeros(B, H, K),
+        options=opts.signature(),
+    )
+
+
+def check_initial_state(state: MCState, opts: MCOptions, B: int, H: int, K: int, dtype: torch.dtype) -> MCState:
+    if not isinstance(state, MCState):
+        raise ValueError(
+            f"`initial_state` must be the MCState returned with output_final_state=True, got {type(state).__name__}"
+        )
+    if state.options != opts.signature():
+        raise ValueError(
+            f"`initial_state` was produced with {state.options}, but this call uses {opts.signature()}: "
+            "continue a sequence with the same memory, segmentation, segment_size and init"
+        )
+    if tuple(state.key_sum.shape) != (B, H, K):
+        raise ValueError(
+            f"`initial_state` holds batch/heads/key dims {tuple(state.key_sum.shape)}, expected {(B, H, K)}"
+        )
+    return state.map(lambda x: x.to(dtype))
+
+
+def zero_state_like(state: State) -> State:
+    return {n: torch.zeros_like(x) for n, x in state.items()}
+
+
+def trailing_zeros(n: int) -> int:
+    return (n & -n).bit_length() - 1
