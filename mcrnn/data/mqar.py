@@ -162,7 +162,7 @@ def mqar_spread(
       query ``(k, filler)`` or filler.
     - Pair slots are stratified over ``[0, S − n)``: pair ``i`` (in order of position) is uniform in the
       ``i``-th of ``n`` equal strata, so the pairs cover the whole context apart from its last ``n``
-      slots, and any window of ``4 (S − n) / n`` tokens or more holds at least one pair.
+      slots, and any window of about ``4 (S − n) / n`` tokens or more holds at least one pair.
     - The query of each pair goes into a free slot *after* its pair slot, chosen (latest pair first)
       with probability ``∝ gap ** (power_a − 1)`` over the free later slots (``gap`` = distance in slots;
       the default ``power_a = 1`` is uniform, so queries spread over everything after their pair). That
