@@ -297,6 +297,50 @@ def _segprod(g: torch.Tensor) -> torch.Tensor:
     return torch.where(strict | (ar[:, None] == ar[None, :]), X.cumprod(-2), zero)
 
 
+def _combine(
+    W: dict[str, torch.Tensor], S: dict[str, torch.Tensor] | None, f: dict[str, torch.Tensor],
+    k: torch.Tensor, w: torch.Tensor, cw: torch.Tensor, cs: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """`cw W + cs S - Σ_j w_j ∇W_j` for every weight; leading dims `[*L]`, `w: [*L, b]`, `cw, cs: [*L, 1, 1]`.
+
+    The rank-b sum goes into a `baddbmm` and `cs S` into an `addcmul`, so each weight costs three passes over
+    the state (these state-sized ops dominate the time on CPU)."""
+    w = w.unsqueeze(-1)
+    pairs = {"W": (f["e"], k)} if "a" not in f else {"W1": (f["e"], f["a"]), "W2": (f["g"], k)}
+    out = {}
+    for nm, (left, right) in pairs.items():
+        base = cw * W[nm]
+        if S is not None:
+            base = torch.addcmul(base, cs, S[nm])
+        lead = base.shape[:-2]
+        lt = (w * left).transpose(-1, -2)
+        out[nm] = torch.baddbmm(
+            base.reshape(-1, *base.shape[-2:]), lt.reshape(-1, *lt.shape[-2:]),
+            right.reshape(-1, *right.shape[-2:]), alpha=-1.0,
+        ).view(*lead, *base.shape[-2:])
+    return out
+
+
+def _read_mini_batch(
+    W: dict[str, torch.Tensor], S: dict[str, torch.Tensor] | None, f: dict[str, torch.Tensor],
+    k: torch.Tensor, x: torch.Tensor, R: torch.Tensor, cw: torch.Tensor, cs: torch.Tensor | None,
+) -> torch.Tensor:
+    """`o_t = f_{W_t}(x_t)` for the `b` tokens of one mini-batch without building `W_t`: `W, S` the state
+    entering it (`[B, H, ...]`), `x: [B, H, b, K]`, `R: [B, H, b, b]`, `cw, cs: [B, H, b, 1]`."""
+
+    def apply(name: str, y: torch.Tensor, rows: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+        # W_t y_t = cw_t W y_t + cs_t S y_t - Σ_j R_tj (rows_j · y_t) vecs_j   (∇_j = vecs_j rows_jᵀ)
+        out = cw * (y @ W[name].transpose(-1, -2))
+        if S is not None:
+            out = torch.addcmul(out, cs, y @ S[name].transpose(-1, -2))
+        return out - (R * (y @ rows.transpose(-1, -2))) @ vecs
+
+    if "W" in W:
+        return apply("W", x, k, f["e"])
+    u = gelu(apply("W2", x, k, f["g"]))
+    return x + apply("W1", u, f["a"], f["e"])
+
+
 def deep_scan(
     kind: str, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, gates: dict[str, torch.Tensor], *,
     params: dict[str, torch.Tensor], initial: State, layout: Layout, positions: Sequence[int] = (),
@@ -342,77 +386,67 @@ def deep_scan(
     last = torch.tensor(layout.length, device=k.device) - 1
     ar = torch.arange(n, device=k.device)
 
-    def end(x: torch.Tensor | None) -> torch.Tensor | None:  # row of each mini-batch's last real token
-        return None if x is None else x[:, :, ar, last]
+    def rows(x: torch.Tensor | None, end: bool = False) -> tuple | None:
+        """Per mini-batch pieces of `x: [B, H, n, ...]` (`end`: only the row of its last real token). One
+        `unbind`: indexing `x[:, :, i]` in the loop would make autograd allocate a full-size zero gradient per
+        mini-batch (select_backward), O(n^2) memory traffic in the backward."""
+        if x is None:
+            return None
+        if end:
+            x = x[:, :, ar, last]
+        return x.unbind(2)
 
-    R_end, RS_end, cW_end, cS_end, cE_end = end(R), end(RS), end(cW), end(cS), end(cE)
+    def col(x: torch.Tensor | None, extra: int) -> torch.Tensor | None:  # append broadcast dims
+        return None if x is None else x[(...,) + (None,) * extra]
+
+    k_i, v_i = rows(kc), rows(vc)
+    R_end, RS_end = rows(R, end=True), rows(RS, end=True)
+    cW_end, cS_end, cE_end = (rows(col(c, 2), end=True) for c in (cW, cS, cE))
+    if q is not None:
+        x_i, R_i, cW_i = rows(gather(q) * scale), rows(R), rows(col(cW, 1))
+        cS_i = rows(col(cS, 1)) if cS is not None else [None] * n
+    snap_at: dict[int, list[tuple[int, int]]] = {}  # mini-batch -> [(slot in the output, row)]
+    if len(positions):
+        flat = layout.where[torch.as_tensor(list(positions), dtype=torch.long, device=k.device) - 1].tolist()
+        for e, fl in enumerate(flat):
+            snap_at.setdefault(fl // b, []).append((e, fl % b))
 
     M0 = {nm: params[nm].to(dt).unsqueeze(0).expand(B, *params[nm].shape) for nm in wk}
     W = {nm: initial[nm] for nm in wk}
     Wmb = {nm: initial[nm + "_mb"] for nm in wk}
     S = {nm: initial[MOMENTUM[nm]] for nm in wk} if kind == "titans" else None
-    W_in, S_in, facs = [], [], []
+    outs, snap_list = [], [None] * len(positions)
     for i in range(n):
         if layout.reset[i]:
             W, Wmb = M0, M0
             S = {nm: torch.zeros_like(x) for nm, x in M0.items()} if S is not None else None
         elif layout.new[i]:
             Wmb = W
-        f = grad_factors(kind, Wmb, kc[:, :, i], vc[:, :, i])
-        W_in.append(W)
-        S_in.append(S)
-        facs.append(f)
-        upd = weighted_grads(f, kc[:, :, i], R_end[:, :, i])
+        f = grad_factors(kind, Wmb, k_i[i], v_i[i])
+        if q is not None:
+            outs.append(_read_mini_batch(W, S, f, k_i[i], x_i[i], R_i[i], cW_i[i], cS_i[i]))
+        for e, r in snap_at.get(i, ()):
+            cs = cS[:, :, i, r, None, None] if S is not None else None
+            snap_list[e] = _combine(W, S, f, k_i[i], R[:, :, i, r], cW[:, :, i, r, None, None], cs)
         if kind == "dla":
-            W = {nm: cW_end[:, :, i, None, None] * W[nm] - upd[nm] for nm in wk}
+            W = _combine(W, None, f, k_i[i], R_end[i], cW_end[i], None)
         else:
-            upd_s = weighted_grads(f, kc[:, :, i], RS_end[:, :, i])
-            cw, cs = cW_end[:, :, i, None, None], cS_end[:, :, i, None, None]
-            W = {nm: cw * W[nm] + cs * S[nm] - upd[nm] for nm in wk}
-            S = {nm: cE_end[:, :, i, None, None] * S[nm] - upd_s[nm] for nm in wk}
+            W, S = (
+                _combine(W, S, f, k_i[i], R_end[i], cW_end[i], cS_end[i]),
+                _combine(S, None, f, k_i[i], RS_end[i], cE_end[i], None),
+            )
     final = dict(W)
     for nm in wk:
         final[nm + "_mb"] = Wmb[nm]  # the start of the last token's mini-batch (what `deep_step` keeps)
         if S is not None:
             final[MOMENTUM[nm]] = S[nm]
 
-    if q is None and not len(positions):
-        return None, None, final
-    Win = {nm: torch.stack([w[nm] for w in W_in], dim=2) for nm in wk}  # [B, H, n, ...]
-    Sin = {nm: torch.stack([s[nm] for s in S_in], dim=2) for nm in wk} if S is not None else None
-    fac = {key: torch.stack([f[key] for f in facs], dim=2) for key in facs[0]}  # [B, H, n, b, ...]
-
     o = None
     if q is not None:
-        x = gather(q) * scale
-
-        def apply(name: str, y: torch.Tensor, rows: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
-            """`W_t y_t` for every token of every mini-batch: the weights named `name` at token t applied to
-            `y: [B, H, n, b, D]`; `rows, vecs` are the gradient factors (`∇_j = vecs_j rows_jᵀ`)."""
-            out = cW.unsqueeze(-1) * (y @ Win[name].transpose(-1, -2))
-            if Sin is not None:
-                out = out + cS.unsqueeze(-1) * (y @ Sin[name].transpose(-1, -2))
-            return out - (R * (y @ rows.transpose(-1, -2))) @ vecs
-
-        if "W" in wk:
-            o = apply("W", x, kc, fac["e"])
-        else:
-            u = gelu(apply("W2", x, kc, fac["g"]))
-            o = x + apply("W1", u, fac["a"], fac["e"])
-        o = o.reshape(B, H, n * b, -1)[:, :, layout.where]
-
+        o = torch.stack(outs, dim=2).reshape(B, H, n * b, -1)[:, :, layout.where]
     snaps = None
     if len(positions):
-        flat = layout.where[torch.as_tensor(list(positions), dtype=torch.long, device=k.device) - 1]
-        ci, r = flat // b, flat % b
-        f = {key: x[:, :, ci] for key, x in fac.items()}
-        upd = weighted_grads(f, kc[:, :, ci], R[:, :, ci, r])
-        snaps = {}
-        for nm in wk:
-            s = cW[:, :, ci, r][..., None, None] * Win[nm][:, :, ci] - upd[nm]
-            if Sin is not None:
-                s = s + cS[:, :, ci, r][..., None, None] * Sin[nm][:, :, ci]
-            snaps[nm] = s
+        snaps = {nm: torch.stack([sn[nm] for sn in snap_list], dim=2) for nm in wk}
     return o, snaps, final
 
 
