@@ -1,0 +1,275 @@
+"""The training config: three YAML sections (``model``, ``data``, ``train``), checked before anything runs.
+
+``model`` holds :class:`mcrnn.models.MCConfig` keyword arguments; ``data`` and ``train`` are the
+dataclasses below. Every check raises ``ValueError`` naming the offending field (``train.lr`` …), so a bad
+config fails in milliseconds instead of after the first eval.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("mqar", "mqar_spread", "text")
+
+
+def _spec(default, *, choices=None, lo=None, hi=None, lo_open=False, doc=""):
+    """A dataclass field with its allowed values in the metadata (``lo``/``hi`` inclusive unless open)."""
+    meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    task: str = _spec("mqar_spread", choices=TASKS, doc="mqar | mqar_spread | text")
+    seq_len: int = _spec(256, lo=2, doc="tokens per example")
+    # MQAR
+    vocab_size: int = _spec(8192, lo=4, doc="MQAR vocabulary (keys in the lower half, values the upper)")
+    num_kv_pairs: int = _spec(16, lo=1, doc="MQAR key-value pairs per example")
+    power_a: float | None = _spec(None, lo=0.0, lo_open=True, doc="query-gap power law (None: task default)")
+    random_non_queries: bool = _spec(True, doc="MQAR filler: random tokens instead of 0")
+    num_eval: int = _spec(1000, lo=1, doc="held-out examples for eval (text: first windows of valid)")
+    # text
+    source: str = _spec("sample", choices=("sample", "gutenberg"), doc="text corpus")
+    tokenizer: str = _spec("byte", choices=("byte", "bpe"), doc="text tokenizer")
+    bpe_vocab_size: int = _spec(8192, lo=257, doc="vocabulary of the cached corpus BPE")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _spec(1000, lo=1, doc="optimizer steps")
+    batch_size: int = _spec(32, lo=1, doc="global batch (sequences per optimizer step, all ranks)")
+    grad_accum: int = _spec(1, lo=1, doc="micro-batches per optimizer step and rank")
+    lr: float = _spec(1e-3, lo=0.0, lo_open=True, doc="peak learning rate")
+    min_lr_ratio: float = _spec(0.1, lo=0.0, hi=1.0, doc="final lr / peak lr of the cosine")
+    warmup: int = _spec(100, lo=0, doc="linear warmup steps")
+    weight_decay: float = _spec(0.1, lo=0.0, doc="AdamW decay (matrices only)")
+    beta1: float = _spec(0.9, lo=0.0, hi=1.0)
+    beta2: float = _spec(0.99, lo=0.0, hi=1.0)
+    grad_clip: float = _spec(1.0, lo=0.0, doc="max gradient norm; 0 disables clipping")
+    eval_every: int = _spec(0, lo=0, doc="eval period in steps; 0: only at the end")
+    eval_batch_size: int = _spec(64, lo=1)
+    log_every: int = _spec(10, lo=1, doc="train metrics period in steps")
+    ckpt_every: int = _spec(0, lo=0, doc="checkpoint period in steps; 0: only at the end")
+    seed: int = _spec(0, lo=0, doc="model init and data")
+    out_dir: str = _spec("results/run", doc="metrics.jsonl, ckpt.pt, config.yaml")
+    device: str = _spec("auto", choices=("auto", "cpu", "cuda"))
+    dtype: str = _spec("auto", choices=("auto", "float32", "bfloat16"), doc="auto: bf16 on GPU")
+    threads: int | None = _spec(None, lo=1, doc="torch.set_num_threads (None: leave as is)")
+    progress: bool = _spec(True, doc="tqdm progress bar")
+
+
+@dataclass
+class Config:
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": copy.deepcopy(self.model), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train)}
+
+
+# --- checking ----------------------------------------------------------------------------------------------
+
+
+def _allowed_types(tp) -> tuple[type, ...]:
+    if isinstance(tp, str):  # `from __future__ import annotations` leaves strings; resolve them
+        tp = eval(tp, {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "Any": Any})
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(t for a in typing.get_args(tp) for t in _allowed_types(a))
+    if tp is None or tp is type(None):
+        return (type(None),)
+    return (typing.get_origin(tp) or tp,)
+
+
+def _coerce(name: str, value, allowed: tuple[type, ...]):
+    """``value`` as one of ``allowed``, or a ValueError naming ``name``.
+
+    Ints are accepted for float fields, and so are strings such as ``"1e-3"`` (YAML 1.1, which PyYAML
+    implements, reads ``1e-3`` as a string). A bool is never taken for a number.
+    """
+    if isinstance(value, bool):
+        if bool in allowed:
+            return value
+    elif isinstance(value, int) and int in allowed:
+        return value
+    elif isinstance(value, (int, float)) and float in allowed:
+        return float(value)
+    elif isinstance(value, str) and float in allowed and str not in allowed:
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif value is None and type(None) in allowed:
+        return None
+    elif isinstance(value, str) and str in allowed:
+        return value
+    names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+    raise ValueError(f"{name}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+def _check_range(name: str, value, meta: dict) -> None:
+    if value is None:
+        return
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ValueError(f"{name}: must be one of {list(meta['choices'])}, got {value!r}")
+    lo, hi = meta["lo"], meta["hi"]
+    if lo is not None and (value <= lo if meta["lo_open"] else value < lo):
+        raise ValueError(f"{name}: must be {'>' if meta['lo_open'] else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name}: must be <= {hi}, got {value!r}")
+
+
+def _build_section(cls, section: str, raw) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{section}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"{section}.{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for key, value in raw.items():
+        name = f"{section}.{key}"
+        value = _coerce(name, value, _allowed_types(hints[key]))
+        _check_range(name, value, fields[key].metadata)
+        kw[key] = value
+    return cls(**kw)
+
+
+def _model_fields() -> dict[str, Any]:
+    """MCConfig's own keyword arguments and their defaults (HF's generic kwargs are not accepted)."""
+    from mcrnn.models import MCConfig
+
+    sig = inspect.signature(MCConfig.__init__)
+    return {n: p.default for n, p in sig.parameters.items()
+            if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def _check_model(raw) -> dict[str, Any]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"model: expected a mapping, got {type(raw).__name__}")
+    known = _model_fields()
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"model.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    out = {}
+    for key, value in raw.items():
+        default, name = known[key], f"model.{key}"
+        # scalar defaults give the expected type; lists are allowed where a str/int default exists
+        # (per-layer mixers and memories), MCConfig checks their items
+        if isinstance(default, bool):
+            value = _coerce(name, value, (bool,))
+        elif isinstance(default, int) and not isinstance(value, list):
+            value = _coerce(name, value, (int,))
+        elif isinstance(default, float):
+            value = _coerce(name, value, (float,))
+        elif isinstance(default, str) and not isinstance(value, (str, list)):
+            raise ValueError(f"{name}: expected str, got {type(value).__name__} {value!r}")
+        out[key] = value
+    return out
+
+
+def validate(raw: dict) -> Config:
+    """A :class:`Config` from a plain dict (a parsed YAML), or a ValueError naming the bad field."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config: expected a mapping (model/data/train), got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {"model", "data", "train"})
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown section (known: data, model, train)")
+    data = _build_section(DataConfig, "data", raw.get("data"))
+    train = _build_section(TrainConfig, "train", raw.get("train"))
+    model = _check_model(raw.get("model"))
+    cfg = Config(model=model, data=data, train=train)
+    _check_cross(cfg)
+    return cfg
+
+
+def _check_cross(cfg: Config) -> None:
+    d, t = cfg.data, cfg.train
+    if t.warmup > t.steps:
+        raise ValueError(f"train.warmup: must be <= train.steps ({t.steps}), got {t.warmup}")
+    if t.batch_size % t.grad_accum:
+        raise ValueError(f"train.batch_size: {t.batch_size} is not a multiple of train.grad_accum "
+                         f"{t.grad_accum}")
+    if d.task.startswith("mqar"):
+        if d.seq_len % 2 or 4 * d.num_kv_pairs > d.seq_len:
+            raise ValueError(f"data.num_kv_pairs: MQAR needs an even seq_len >= 4 * num_kv_pairs, "
+                             f"got seq_len={d.seq_len}, num_kv_pairs={d.num_kv_pairs}")
+        if d.vocab_size < 2 * d.num_kv_pairs + 2:
+            raise ValueError(f"data.vocab_size: must be >= 2 * num_kv_pairs + 2 = {2 * d.num_kv_pairs + 2}, "
+                             f"got {d.vocab_size}")
+        vs = cfg.model.get("vocab_size")
+        if vs is not None and vs < d.vocab_size:
+            raise ValueError(f"model.vocab_size: {vs} is smaller than data.vocab_size {d.vocab_size}")
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["--train.lr=3e-4", "--model.top_k", "2"]`` → ``{"train": {"lr": "3e-4"}, "model": {"top_k": 2}}``.
+
+    Values are read as YAML (``true``, ``[1, 2]``, ``null``); the dotted path must be ``section.key``.
+    """
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"override {arg!r}: expected --section.key=value")
+        if "=" in arg:
+            path, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"override {arg!r}: missing value")
+            path, text = arg[2:], args[i + 1]
+            i += 2
+        parts = path.split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"override {arg!r}: expected --section.key=value")
+        out.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(text) if text != "" else ""
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` applied section by section (a new dict)."""
+    out = copy.deepcopy(base) if base else {}
+    for sec, kv in over.items():
+        if isinstance(kv, dict) and isinstance(out.get(sec), dict):
+            out[sec].update(copy.deepcopy(kv))
+        else:
+            out[sec] = copy.deepcopy(kv)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Read a YAML config, apply ``--section.key=value`` overrides (or a nested dict) and check it."""
+    raw = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping with sections model/data/train")
+    if overrides:
+        over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        raw = merge(raw, over)
+    return validate(raw)

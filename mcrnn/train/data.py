@@ -1,0 +1,88 @@
+"""Batches for the trainer, a pure function of (seed, step): resuming and sharding need no data state.
+
+The *global* batch of a step (``train.batch_size`` rows) is the same whatever the number of ranks and of
+accumulation micro-batches; rank ``r`` takes its contiguous slice and cuts it into micro-batches. So one
+process on batch ``2B`` and two DDP processes on ``B`` each see exactly the same rows.
+
+Every batch is ``(inputs [B, L], labels [B, L])`` int64 with labels already shifted (the logits at ``t``
+are scored against ``labels[t]``; ``-100`` is ignored), the convention of :mod:`mcrnn.data`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mcrnn.data import mqar, mqar_spread, split_seeds
+
+from .config import DataConfig
+
+# torch's CPU generator keeps only the low 32 bits of a seed, so (seed, step) is folded into 31 bits;
+# a step stride of 1_000_003 keeps the steps of one run distinct up to 2**31 steps (different user seeds
+# only meet after a million steps). split_seeds then gives even seeds to training batches and odd ones to
+# the held-out set, so no training batch can share a generator seed with it.
+_STEP_STRIDE = 1_000_003
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * _STEP_STRIDE + step) % (1 << 31)
+
+
+class MQARBatches:
+    """Fresh MQAR examples every step (infinite data), and a fixed held-out set."""
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.fn = mqar_spread if cfg.task == "mqar_spread" else mqar
+        default_a = 1.0 if cfg.task == "mqar_spread" else 0.01  # mcrnn.data's defaults
+        self.power_a = cfg.power_a if cfg.power_a is not None else default_a
+        self.vocab_size = cfg.vocab_size
+
+    def _make(self, n: int, seed: int):
+        c = self.cfg
+        return self.fn(n, c.seq_len, c.vocab_size, c.num_kv_pairs, self.power_a, c.random_non_queries, seed)
+
+    def global_batch(self, step: int, batch_size: int):
+        train_seed, _ = split_seeds(step_seed(self.seed, step))
+        return self._make(batch_size, train_seed)
+
+    def eval_set(self):
+        _, test_seed = split_seeds(self.seed)
+        return self._make(self.cfg.num_eval, test_seed)
+
+
+class TextBatches:
+    """Random windows of the packed train split (drawn with a generator seeded by the step)."""
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        from mcrnn.data import TextDataset, get_tokenizer
+
+        self.cfg, self.seed = cfg, seed
+        tok = get_tokenizer(cfg.tokenizer, cfg.bpe_vocab_size)
+        self.vocab_size = tok.vocab_size
+        self.train = TextDataset("train", tok, cfg.seq_len, source=cfg.source)
+        self.valid = TextDataset("valid", tok, cfg.seq_len, source=cfg.source)
+        for name, ds in (("train", self.train), ("valid", self.valid)):
+            if len(ds) == 0:
+                raise ValueError(f"data.seq_len: {cfg.seq_len} is longer than the {name} split of "
+                                 f"source={cfg.source!r}")
+
+    def global_batch(self, step: int, batch_size: int):
+        g = torch.Generator().manual_seed(step_seed(self.seed, step))
+        idx = torch.randint(0, len(self.train), (batch_size,), generator=g)
+        return self.train.inputs[idx], self.train.labels[idx]
+
+    def eval_set(self):
+        n = min(len(self.valid), self.cfg.num_eval)
+        return self.valid.inputs[:n], self.valid.labels[:n]
+
+
+def make_batches(cfg: DataConfig, seed: int):
+    return TextBatches(cfg, seed) if cfg.task == "text" else MQARBatches(cfg, seed)
+
+
+def shard(batch, rank: int, world: int, grad_accum: int):
+    """Rank ``rank``'s micro-batches of a global batch: a list of ``grad_accum`` ``(inputs, labels)``."""
+    x, y = batch
+    per_rank = x.shape[0] // world
+    x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+    return list(zip(x.chunk(grad_accum), y.chunk(grad_accum), strict=True))
