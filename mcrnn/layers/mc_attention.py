@@ -1,0 +1,177 @@
+"""The Memory Caching token mixer (SPEC §3) over any registered memory and aggregation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcrnn.layers.cache import MCCache
+from mcrnn.layers.utils import RMSNorm, ShortConvolution, check_padding_mask
+from mcrnn.ops import AGGREGATIONS, INITS, get_memory, memory_caching
+
+#: aggregations that score the cached memories with `u` (the others have no parameters)
+SCORED = ("grm", "soup", "ssc")
+
+#: initial bias of each gate: the gates start near "remember" (decay, prev/cur near 1, forgetting near 0)
+GATE_BIAS = {"decay": 3.0, "prev": 3.0, "cur": 3.0, "lr": 0.0, "momentum": 0.0, "forget": -3.0}
+
+#: gate values on padded tokens: together with zero keys and values they leave the memory unchanged (left
+#: padding). `titans` momentum: 0 keeps a zero momentum at zero; mid-sequence padding resets the momentum.
+GATE_ON_PAD = {"decay": 1.0, "prev": 0.0, "cur": 0.0, "lr": 0.0, "momentum": 0.0, "forget": 0.0}
+
+
+class MemoryCachingAttention(nn.Module):
+    """Memory Caching token mixer.
+
+    `x -> q, k, v (, u)` linear projections; a causal depthwise short convolution (kernel `conv_size`)
+    with SiLU on q, k, v; ℓ2-normalised q and k per head; per-head gates `sigmoid(x W_g + b_g)` for the
+    memory's gate names; :func:`mcrnn.ops.memory_caching`; a per-head RMSNorm of the output times
+    `silu(x W_o_gate)`; the output projection.
+
+    Shapes: `hidden_states: [B, T, D]` -> `[B, T, D]`; per head K = `head_dim`, V = `head_v_dim`.
+
+    Padding (`attention_mask: [B, S]`, 1 = keep, S >= T; the last T columns are this call's tokens): a padded
+    token writes nothing to the memory (zero k and v, gates set to their "no change" values, zero input to the
+    short convolution), so with left padding the real tokens see exactly what they would see unpadded, except
+    that segment positions still count the padding.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        head_v_dim: int | None = None,
+        memory: str = "linear",
+        aggregation: str = "grm",
+        segment_size: int = 256,
+        segmentation: str = "constant",
+        init: str = "checkpoint",
+        top_k: int | None = None,
+        mini_batch: int | None = 16,
+        expansion: int = 4,
+        memory_depth: int = 2,
+        use_u: bool = True,
+        conv_size: int = 4,
+        norm_eps: float = 1e-6,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        self.mem = get_memory(memory)  # ValueError naming `memory` if unknown
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown `aggregation` {aggregation!r}: choose one of {list(AGGREGATIONS)}")
+        if init not in INITS:
+            raise ValueError(f"unknown `init` {init!r}: choose one of {list(INITS)}")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.head_v_dim = head_v_dim or self.head_dim
+        self.memory, self.aggregation, self.segment_size = memory, aggregation, segment_size
+        self.segmentation, self.init, self.top_k = segmentation, init, top_k
+        self.mini_batch = mini_batch if self.mem.deep else None
+        self.use_u, self.layer_idx = use_u, layer_idx
+        H, K, V = num_heads, self.head_dim, self.head_v_dim
+
+        self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
+        self.k_proj = nn.Linear(hidden_size, H * K, bias=False)
+        self.v_proj = nn.Linear(hidden_size, H * V, bias=False)
+        # `u` exists only where it is read: a model trained with a parameter-free aggregation ("none",
+        # "residual", "mean") has the same parameters under any other parameter-free one (post-training MC)
+        self.u_proj = nn.Linear(hidden_size, H * K, bias=False) if (use_u and aggregation in SCORED) else None
+        self.conv = ShortConvolution(H * (2 * K + V), conv_size)
+        self.gate_names = tuple(self.mem.gate_names)
+        self.gates = nn.ModuleDict({n: nn.Linear(hidden_size, H, bias=True) for n in self.gate_names})
+        self.memory_params = nn.ParameterDict()
+        if self.mem.deep:
+            if memory_depth == 1:
+                self.memory_params["W"] = nn.Parameter(torch.zeros(H, V, K))
+            elif memory_depth == 2:
+                if K != V:
+                    raise ValueError(
+                        f"memory {memory!r} with memory_depth=2 needs head_v_dim == head_dim, got {V} != {K}"
+                    )
+                E = expansion * K
+                self.memory_params["W1"] = nn.Parameter(torch.zeros(H, V, E))
+                self.memory_params["W2"] = nn.Parameter(torch.zeros(H, E, K))
+            else:
+                raise ValueError(f"`memory_depth` must be 1 or 2, got {memory_depth!r}")
+        self.o_norm = RMSNorm(V, eps=norm_eps)
+        self.g_proj = nn.Linear(hidden_size, H * V, bias=False)
+        self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
+        self.reset_memory_parameters()
+
+    def reset_memory_parameters(self, std: float = 0.02) -> None:
+        """Gate biases from :data:`GATE_BIAS`; deep memory W_0: `W2 ~ N(0, 1)` (O(1) pre-activations for unit
+        keys), `W1 ~ N(0, std)` (the MLP starts close to the identity); depth 1: `W = 0` (as linear
+        attention)."""
+        with torch.no_grad():
+            for n, lin in self.gates.items():
+                lin.bias.fill_(GATE_BIAS.get(n, 0.0))
+            if "W1" in self.memory_params:
+                self.memory_params["W1"].normal_(0.0, std)
+                self.memory_params["W2"].normal_(0.0, 1.0)
+            if "W" in self.memory_params:
+                self.memory_params["W"].zero_()
+
+    def op_kwargs(self) -> dict:
+        return dict(
+            memory=self.memory, segment_size=self.segment_size, segmentation=self.segmentation,
+            init=self.init,
+            aggregation=self.aggregation, top_k=self.top_k, mini_batch=self.mini_batch,
+            params=dict(self.memory_params) if self.mem.deep else None,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: MCCache | None = None,
+        use_cache: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None, MCCache | None]:
+        """`hidden_states: [B, T, D]`; `attention_mask: [B, S]` (S >= T) padding mask or None;
+        `past_key_values`: an :class:`MCCache` (needs `layer_idx`); with `use_cache` this layer's state
+        in it is read and replaced. Returns `(o: [B, T, D], None, past_key_values)`."""
+        B, T, _ = hidden_states.shape
+        H, K, V = self.num_heads, self.head_dim, self.head_v_dim
+        state = None
+        if past_key_values is not None:
+            if self.layer_idx is None:
+                raise ValueError("`layer_idx` is required when a cache (`past_key_values`) is passed")
+            state = past_key_values[self.layer_idx]
+        mask = check_padding_mask(attention_mask, B, T)
+        keep = mask[:, -T:] if mask is not None else None  # [B, T]
+
+        x = hidden_states
+        # a padded token feeds zeros to the convolution: the next real tokens see what they would see unpadded
+        x_in = x * keep[..., None].to(x.dtype) if keep is not None else x
+        qkv = torch.cat([self.q_proj(x_in), self.k_proj(x_in), self.v_proj(x_in)], dim=-1)
+        qkv, conv_state = self.conv(qkv, state.conv if state is not None else None)
+        q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
+        q = F.normalize(q.view(B, T, H, K), dim=-1)
+        k = F.normalize(k.view(B, T, H, K), dim=-1)
+        v = v.reshape(B, T, H, V)
+        u = self.u_proj(x).view(B, T, H, K) if self.u_proj is not None else None
+        # gates in float32: a bfloat16 sigmoid cannot resolve decays close to 1
+        gates = {n: torch.sigmoid(lin(x).float()) for n, lin in self.gates.items()}
+        if keep is not None:
+            m = keep[..., None]
+            k, v = k * m.to(k.dtype), v * m.to(v.dtype)
+            gates = {n: torch.where(keep, g, torch.full_like(g, GATE_ON_PAD[n])) for n, g in gates.items()}
+
+        want_state = state is not None and use_cache
+        o, mc_state = memory_caching(
+            q, k, v, u, gates=gates, initial_state=state.mc if state is not None else None,
+            output_final_state=want_state, **self.op_kwargs(),
+        )
+        if want_state:
+            state.mc, state.conv = mc_state, conv_state
+            state.seq_len += T
+        o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, V))
+        return self.o_proj(o.reshape(B, T, H * V)), None, past_key_values
+
+    def extra_repr(self) -> str:
+        return (f"memory={self.memory!r}, aggregation={self.aggregation!r}, "
+                f"segment_size={self.segment_size}, segmentation={self.segmentation!r}, init={self.init!r}, "
+                f"heads={self.num_heads}, "
+                f"K={self.head_dim}, V={self.head_v_dim}")

@@ -1,0 +1,316 @@
+"""The mcrnn causal language model: one implementation for Memory Caching, attention and hybrid stacks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from mcrnn.layers import Attention, MCCache, MemoryCachingAttention, RMSNorm, ShortConvolution
+from mcrnn.layers.utils import check_padding_mask
+from mcrnn.models.configuration_mcrnn import MCConfig
+
+try:  # transformers >= 4.52: blocks that `gradient_checkpointing_enable` knows how to checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer as _BlockBase
+except ImportError:  # pragma: no cover
+    _BlockBase = nn.Module
+
+try:  # respects the `_is_hf_initialized` flags, so loaded weights are never re-initialised
+    from transformers import initialization as hf_init
+except ImportError:  # pragma: no cover
+    hf_init = nn.init
+
+
+class SwiGLU(nn.Module):
+    """`down(silu(gate(x)) * up(x))`, `[B, T, D] -> [B, T, D]`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def make_mixer(config: MCConfig, layer_idx: int) -> nn.Module:
+    if config.layer_mixers[layer_idx] == "attention":
+        return Attention(
+            config.hidden_size, config.num_heads, head_dim=config.head_dim, rope_theta=config.rope_theta,
+            max_position_embeddings=config.max_position_embeddings, layer_idx=layer_idx,
+        )
+    return MemoryCachingAttention(
+        config.hidden_size, config.num_heads, head_dim=config.head_dim, head_v_dim=config.head_v_dim,
+        memory=config.memory, aggregation=config.aggregation, segment_size=config.segment_size,
+        segmentation=config.segmentation, init=config.init, top_k=config.top_k, mini_batch=config.mini_batch,
+        expansion=config.expansion, memory_depth=config.memory_depth, use_u=config.use_u,
+        conv_size=config.conv_size, norm_eps=config.norm_eps, layer_idx=layer_idx,
+    )
+
+
+class MCBlock(_BlockBase):
+    """Pre-RMSNorm token mixer + residual, pre-RMSNorm SwiGLU MLP + residual. `[B, T, D] -> [B, T, D]`."""
+
+    def __init__(self, config: MCConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = make_mixer(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: MCCache | None = None,
+        use_cache: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, MCCache | None]:
+        o, _, past_key_values = self.attn(
+            self.attn_norm(hidden_states), attention_mask=attention_mask, past_key_values=past_key_values,
+            use_cache=use_cache, **kwargs,
+        )
+        hidden_states = hidden_states + o
+        hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
+        return hidden_states, past_key_values
+
+
+class MCPreTrainedModel(PreTrainedModel):
+    config_class = MCConfig
+    config: MCConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MCBlock"]
+    _supports_sdpa = True
+    # recurrent states cannot be rolled back: no assisted generation
+    _is_stateful = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; config fields can be overridden as keywords (e.g.
+        `aggregation="mean", init="independent", segment_size=L` for post-training MC). `top_k` is passed
+        on as `ssc_top_k`, so that it is not also taken as the sampling `top_k` of the generation config."""
+        if "top_k" in kwargs:
+            kwargs["ssc_top_k"] = kwargs.pop("top_k")
+        return super().from_pretrained(*args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                hf_init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            hf_init.ones_(module.weight)
+        elif isinstance(module, ShortConvolution):
+            # unit gain per channel: each output is a sum of `kernel_size` inputs
+            hf_init.normal_(module.weight, mean=0.0, std=module.kernel_size**-0.5)
+        if isinstance(module, MemoryCachingAttention):
+            # gate biases and deep-memory W_0 (the gate Linears themselves were visited as submodules first)
+            for name, lin in module.gates.items():
+                from mcrnn.layers.mc_attention import GATE_BIAS
+
+                hf_init.constant_(lin.bias, GATE_BIAS.get(name, 0.0))
+            params = module.memory_params
+            if "W1" in params:
+                hf_init.normal_(params["W1"], mean=0.0, std=std)
+                hf_init.normal_(params["W2"], mean=0.0, std=1.0)
+            if "W" in params:
+                hf_init.zeros_(params["W"])
+
+
+class MCModel(MCPreTrainedModel):
+    """Embeddings, `num_hidden_layers` :class:`MCBlock`, final RMSNorm. `input_ids: [B, T] -> [B, T, D]`."""
+
+    def __init__(self, config: MCConfig):
+        config.validate()
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([MCBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: MCCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: MCCache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """`input_ids: [B, T]` (or `inputs_embeds: [B, T, D]`); `attention_mask: [B, T]` or `[B, past + T]`
+        padding mask (1 = keep); `cache` (alias `past_key_values`): an :class:`MCCache` to continue from.
+        Returns `last_hidden_state: [B, T, D]` and, with `use_cache`, the updated cache."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        if use_cache is None:
+            # training does not need the final states
+            use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, MCCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError(
+                    f"mcrnn models continue only from an MCCache, got a filled {type(cache).__name__}"
+                )
+            cache = None  # an empty default cache (e.g. a DynamicCache): replaced by ours
+        if use_cache and cache is None:
+            cache = MCCache(self.config)
+        if not use_cache:
+            cache = None  # nothing is read from or written to a cache the caller does not want back
+
+        B, T = inputs_embeds.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = check_padding_mask(attention_mask, B, T)
+        if mask is not None:
+            if mask.shape[1] not in (T, past + T):
+                raise ValueError(
+                    f"`attention_mask` must cover the {T} new tokens or the {past + T} cached and new "
+                    "tokens, "
+                    f"got {mask.shape[1]}"
+                )
+            if mask.shape[1] == T and past:
+                mask = torch.cat([mask.new_ones(B, past), mask], dim=1)  # the cached tokens were kept
+            if bool(mask.all()):
+                mask = None  # nothing to mask: the fast paths apply
+        if position_ids is None and "attention" in self.config.layer_mixers:
+            # RoPE positions count kept tokens only, so a left-padded prompt is positioned as an unpadded one
+            if mask is not None:
+                position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
+
+        hidden_states = inputs_embeds
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states, cache = layer(
+                hidden_states, attention_mask=mask, past_key_values=cache, use_cache=use_cache,
+                position_ids=position_ids, **kwargs,
+            )
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden_states,)
+        if not return_dict:
+            return tuple(x for x in (hidden_states, cache, all_hidden) if x is not None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden)
+
+
+class MCForCausalLM(MCPreTrainedModel, GenerationMixin):
+    """:class:`MCModel` + LM head. `forward(input_ids, labels=...)` returns the next-token loss (labels are
+    the unshifted input ids, -100 ignored) and logits `[B, T', vocab]` (`T'` from `logits_to_keep`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MCConfig):
+        super().__init__(config)
+        self.model = MCModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # generate would build a DynamicCache (a KV cache) by default: build the recurrent cache instead
+        if model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None \
+                and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic"):
+                raise ValueError(
+                    f"mcrnn models use their own recurrent cache; cache_implementation="
+                    f"{generation_config.cache_implementation!r} is not supported"
+                )
+            model_kwargs["cache"] = MCCache(self.config)
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: MCCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: MCCache | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """`labels: [B, T]` unshifted (token t predicts label t + 1; -100 is ignored). `logits_to_keep`: an
+        int n > 0 keeps the logits of the last n tokens, a 1-D tensor keeps those positions, 0 keeps all.
+        `num_items_in_batch` (from the HF Trainer under gradient accumulation): the loss is the sum over the
+        labels divided by it instead of the mean."""
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            return_dict=True, past_key_values=past_key_values, **kwargs,
+        )
+        hidden_states = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            kept = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(kept)
+
+        loss = None
+        if labels is not None:
+            if labels.shape != hidden_states.shape[:2]:
+                raise ValueError(
+                    f"`labels` must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}"
+                )
+            full = logits if kept.shape[1] == hidden_states.shape[1] else self.lm_head(hidden_states)
+            shift_logits = full[:, :-1].float().reshape(-1, full.shape[-1])
+            shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            else:
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+                loss = loss / num_items_in_batch
+        if not return_dict:
+            output = (logits, out.cache, out.hidden_states)
+            output = tuple(x for x in output if x is not None)
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states
+        )
