@@ -155,9 +155,10 @@ class MemoryCachingAttention(nn.Module):
         # gates in float32: a bfloat16 sigmoid cannot resolve decays close to 1
         gates = {n: torch.sigmoid(lin(x).float()) for n, lin in self.gates.items()}
         if keep is not None:
-            m = keep[..., None]
+            m = keep[:, :, None, None]
             k, v = k * m.to(k.dtype), v * m.to(v.dtype)
-            gates = {n: torch.where(keep, g, torch.full_like(g, GATE_ON_PAD[n])) for n, g in gates.items()}
+            kg = keep[..., None]  # [B, T, 1]
+            gates = {n: torch.where(kg, g, torch.full_like(g, GATE_ON_PAD[n])) for n, g in gates.items()}
 
         want_state = state is not None and use_cache
         o, mc_state = memory_caching(

@@ -166,7 +166,7 @@ class MCModel(MCPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:
             # training does not need the final states
             use_cache = self.config.use_cache and not self.training
@@ -280,7 +280,7 @@ class MCForCausalLM(MCPreTrainedModel, GenerationMixin):
         int n > 0 keeps the logits of the last n tokens, a 1-D tensor keeps those positions, 0 keeps all.
         `num_items_in_batch` (from the HF Trainer under gradient accumulation): the loss is the sum over the
         labels divided by it instead of the mean."""
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
