@@ -21,6 +21,31 @@ GATE_BIAS = {"decay": 3.0, "prev": 3.0, "cur": 3.0, "lr": 0.0, "momentum": 0.0, 
 GATE_ON_PAD = {"decay": 1.0, "prev": 0.0, "cur": 0.0, "lr": 0.0, "momentum": 0.0, "forget": 0.0}
 
 
+class GateLinear(nn.Linear):
+    """`x -> [.., heads]` logits of one gate; `bias_init` is the bias it is (re)initialised to."""
+
+    def __init__(self, in_features: int, heads: int, bias_init: float = 0.0):
+        self.bias_init = bias_init
+        super().__init__(in_features, heads, bias=True)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.constant_(self.bias, self.bias_init)
+
+
+def init_memory_params(params: nn.ParameterDict, std: float = 0.02, init=nn.init) -> None:
+    """W_0 of a deep memory. Depth 1: `W = 0` (the memory starts as linear attention does). MLP:
+    `W1 ~ N(0, std)` (f_W starts close to the identity) and `W2 ~ N(0, 1/E)`, so that `a = gelu(W2 k)` has a
+    small norm for unit keys: the inner gradient step on W1 has curvature `‖a‖²`, and `θ‖a‖² > 2` makes the
+    online update diverge (with `W2 ~ N(0, 1)` Titans overflows within a few tokens). `init` is
+    `torch.nn.init` or HF's `transformers.initialization` (which skips loaded weights)."""
+    if "W1" in params:
+        init.normal_(params["W1"], mean=0.0, std=std)
+        init.normal_(params["W2"], mean=0.0, std=params["W2"].shape[1] ** -0.5)
+    if "W" in params:
+        init.zeros_(params["W"])
+
+
 class MemoryCachingAttention(nn.Module):
     """Memory Caching token mixer.
 
@@ -80,7 +105,9 @@ class MemoryCachingAttention(nn.Module):
         self.u_proj = nn.Linear(hidden_size, H * K, bias=False) if (use_u and aggregation in SCORED) else None
         self.conv = ShortConvolution(H * (2 * K + V), conv_size)
         self.gate_names = tuple(self.mem.gate_names)
-        self.gates = nn.ModuleDict({n: nn.Linear(hidden_size, H, bias=True) for n in self.gate_names})
+        self.gates = nn.ModuleDict(
+            {n: GateLinear(hidden_size, H, GATE_BIAS.get(n, 0.0)) for n in self.gate_names}
+        )
         self.memory_params = nn.ParameterDict()
         if self.mem.deep:
             if memory_depth == 1:
@@ -101,17 +128,8 @@ class MemoryCachingAttention(nn.Module):
         self.reset_memory_parameters()
 
     def reset_memory_parameters(self, std: float = 0.02) -> None:
-        """Gate biases from :data:`GATE_BIAS`; deep memory W_0: `W2 ~ N(0, 1)` (O(1) pre-activations for unit
-        keys), `W1 ~ N(0, std)` (the MLP starts close to the identity); depth 1: `W = 0` (as linear
-        attention)."""
-        with torch.no_grad():
-            for n, lin in self.gates.items():
-                lin.bias.fill_(GATE_BIAS.get(n, 0.0))
-            if "W1" in self.memory_params:
-                self.memory_params["W1"].normal_(0.0, std)
-                self.memory_params["W2"].normal_(0.0, 1.0)
-            if "W" in self.memory_params:
-                self.memory_params["W"].zero_()
+        """The deep memory's W_0 (:func:`init_memory_params`)."""
+        init_memory_params(self.memory_params, std)
 
     def op_kwargs(self) -> dict:
         return dict(

@@ -9,6 +9,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from mcrnn.layers import Attention, MCCache, MemoryCachingAttention, RMSNorm, ShortConvolution
+from mcrnn.layers.mc_attention import init_memory_params
 from mcrnn.layers.utils import check_padding_mask
 from mcrnn.models.configuration_mcrnn import MCConfig
 
@@ -103,7 +104,8 @@ class MCPreTrainedModel(PreTrainedModel):
         if isinstance(module, nn.Linear):
             hf_init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                hf_init.zeros_(module.bias)
+                # gate biases start at "remember" values (GATE_BIAS), other biases at 0
+                hf_init.constant_(module.bias, getattr(module, "bias_init", 0.0))
         elif isinstance(module, nn.Embedding):
             hf_init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
@@ -112,17 +114,7 @@ class MCPreTrainedModel(PreTrainedModel):
             # unit gain per channel: each output is a sum of `kernel_size` inputs
             hf_init.normal_(module.weight, mean=0.0, std=module.kernel_size**-0.5)
         if isinstance(module, MemoryCachingAttention):
-            # gate biases and deep-memory W_0 (the gate Linears themselves were visited as submodules first)
-            for name, lin in module.gates.items():
-                from mcrnn.layers.mc_attention import GATE_BIAS
-
-                hf_init.constant_(lin.bias, GATE_BIAS.get(name, 0.0))
-            params = module.memory_params
-            if "W1" in params:
-                hf_init.normal_(params["W1"], mean=0.0, std=std)
-                hf_init.normal_(params["W2"], mean=0.0, std=1.0)
-            if "W" in params:
-                hf_init.zeros_(params["W"])
+            init_memory_params(module.memory_params, std, init=hf_init)
 
 
 class MCModel(MCPreTrainedModel):
