@@ -443,7 +443,8 @@ def deep_scan(
 
     o = None
     if q is not None:
-        o = torch.stack(outs, dim=2).reshape(B, H, n * b, -1)[:, :, layout.where]
+        o = torch.stack(outs, dim=2).reshape(B, H, n * b, -1)
+        o = o[:, :, :T] if layout.regular else o[:, :, layout.where]
     snaps = None
     if len(positions):
         snaps = {nm: torch.stack([sn[nm] for sn in snap_list], dim=2) for nm in wk}
