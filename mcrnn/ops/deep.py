@@ -28,7 +28,6 @@ Layouts are heads-first inside (`k: [B, H, T, K]`, gates `[B, H, T]`); the publi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,7 +43,6 @@ GATES = {"dla": ("lr", "decay"), "titans": ("lr", "momentum", "forget")}
 GATE_DEFAULTS = {"lr": 1.0, "decay": 1.0, "momentum": 0.0, "forget": 0.0}
 #: momentum key of each weight
 MOMENTUM = {"W": "S", "W1": "S1", "W2": "S2"}
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,9 +55,9 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)
 
 
-def gelu_grad(x: torch.Tensor) -> torch.Tensor:
-    """d gelu / dx = Φ(x) + x φ(x), written with plain ops so that it is itself differentiable."""
-    return 0.5 * (1.0 + torch.erf(x * math.sqrt(0.5))) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+def gelu_vjp(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`grad ⊙ gelu'(x)` in one fused op; autograd differentiates it (gelu_backward has a double backward)."""
+    return torch.ops.aten.gelu_backward(grad, x)
 
 
 def weight_keys(d: dict) -> tuple[str, ...]:
@@ -76,21 +74,23 @@ def mlp_read(W: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 
 def grad_factors(
-    kind: str, W: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor
+    kind: str, W: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor, kW: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     """The rank-one factors of the per-token gradients at the weights `W` (leading dims `[*L]`).
 
-    `k: [*L, n, K]`, `v: [*L, n, V]`. Returns `e = dℓ/df: [*L, n, V]` and, for the MLP, `a = gelu(W2 k)` and
+    `k: [*L, n, K]`, `v: [*L, n, V]`; `kW`: `k` times the first layer (`W2` or `W`) transposed, when the
+    caller already has it. Returns `e = dℓ/df: [*L, n, V]` and, for the MLP, `a = gelu(W2 k)` and
     `g = (W1ᵀ e) ⊙ gelu'(W2 k)`, both `[*L, n, E]`: then `∇W1 = e aᵀ`, `∇W2 = g kᵀ` (depth 1: `∇W = e kᵀ`).
     """
+    first = W["W"] if "W" in W else W["W2"]
+    if kW is None and (kind == "titans" or "W" not in W):  # dla at depth 1 needs no forward pass
+        kW = k @ first.transpose(-1, -2)
     if "W" in W:
-        e = -v if kind == "dla" else k @ W["W"].transpose(-1, -2) - v
-        return {"e": e}
-    W1, W2 = W["W1"], W["W2"]
-    h = k @ W2.transpose(-1, -2)
-    a = gelu(h)
+        return {"e": -v if kind == "dla" else kW - v}
+    W1 = W["W1"]
+    a = gelu(kW)
     e = -v if kind == "dla" else k + a @ W1.transpose(-1, -2) - v
-    return {"e": e, "a": a, "g": (e @ W1) * gelu_grad(h)}
+    return {"e": e, "a": a, "g": gelu_vjp(e @ W1, kW)}
 
 
 def weighted_grads(f: dict[str, torch.Tensor], k: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -323,22 +323,26 @@ def _combine(
 
 def _read_mini_batch(
     W: dict[str, torch.Tensor], S: dict[str, torch.Tensor] | None, f: dict[str, torch.Tensor],
-    k: torch.Tensor, x: torch.Tensor, R: torch.Tensor, cw: torch.Tensor, cs: torch.Tensor | None,
+    x: torch.Tensor, R: torch.Tensor, RKX: torch.Tensor, cw: torch.Tensor, cs: torch.Tensor | None,
+    xW: torch.Tensor | None,
 ) -> torch.Tensor:
     """`o_t = f_{W_t}(x_t)` for the `b` tokens of one mini-batch without building `W_t`: `W, S` the state
-    entering it (`[B, H, ...]`), `x: [B, H, b, K]`, `R: [B, H, b, b]`, `cw, cs: [B, H, b, 1]`."""
+    entering it (`[B, H, ...]`), `x: [B, H, b, K]`, `R: [B, H, b, b]`, `RKX = R ⊙ (x kᵀ)`,
+    `cw, cs: [B, H, b, 1]`, `xW`: `x` times the first layer of `W` transposed when already computed."""
 
-    def apply(name: str, y: torch.Tensor, rows: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
-        # W_t y_t = cw_t W y_t + cs_t S y_t - Σ_j R_tj (rows_j · y_t) vecs_j   (∇_j = vecs_j rows_jᵀ)
-        out = cw * (y @ W[name].transpose(-1, -2))
+    def apply(name: str, y: torch.Tensor, RY: torch.Tensor, vecs: torch.Tensor, yW=None) -> torch.Tensor:
+        # W_t y_t = cw_t W y_t + cs_t S y_t - Σ_j R_tj (rows_j · y_t) vecs_j   (∇_j = vecs_j rows_jᵀ,
+        # RY = R ⊙ (y rowsᵀ))
+        out = cw * (y @ W[name].transpose(-1, -2) if yW is None else yW)
         if S is not None:
             out = torch.addcmul(out, cs, y @ S[name].transpose(-1, -2))
-        return out - (R * (y @ rows.transpose(-1, -2))) @ vecs
+        out = torch.baddbmm(out.flatten(0, 1), RY.flatten(0, 1), vecs.flatten(0, 1), alpha=-1.0)
+        return out.view(y.shape[:-1] + out.shape[-1:])
 
     if "W" in W:
-        return apply("W", x, k, f["e"])
-    u = gelu(apply("W2", x, k, f["g"]))
-    return x + apply("W1", u, f["a"], f["e"])
+        return apply("W", x, RKX, f["e"], xW)
+    u = gelu(apply("W2", x, RKX, f["g"], xW))
+    return x + apply("W1", u, R * (u @ f["a"].transpose(-1, -2)), f["e"])
 
 
 def deep_scan(
@@ -402,9 +406,16 @@ def deep_scan(
     k_i, v_i = rows(kc), rows(vc)
     R_end, RS_end = rows(R, end=True), rows(RS, end=True)
     cW_end, cS_end, cE_end = (rows(col(c, 2), end=True) for c in (cW, cS, cE))
+    # When the gradient point is the entering state (every mini-batch but a continued first one), keys and
+    # queries go through the first layer in one matmul.
+    merge = kind == "titans" or "W1" in wk
     if q is not None:
-        x_i, R_i, cW_i = rows(gather(q) * scale), rows(R), rows(col(cW, 1))
+        xc = gather(q) * scale
+        RKX_i = rows(R * (xc @ kc.transpose(-1, -2)))  # state-independent: one batched product
+        R_i, cW_i = rows(R), rows(col(cW, 1))
         cS_i = rows(col(cS, 1)) if cS is not None else [None] * n
+        x_i = rows(xc)
+        kx_i = rows(torch.cat([kc, xc], dim=-2)) if merge else None
     snap_at: dict[int, list[tuple[int, int]]] = {}  # mini-batch -> [(slot in the output, row)]
     if len(positions):
         flat = layout.where[torch.as_tensor(list(positions), dtype=torch.long, device=k.device) - 1].tolist()
@@ -422,9 +433,13 @@ def deep_scan(
             S = {nm: torch.zeros_like(x) for nm, x in M0.items()} if S is not None else None
         elif layout.new[i]:
             Wmb = W
-        f = grad_factors(kind, Wmb, k_i[i], v_i[i])
+        kW = xW = None
+        if q is not None and merge and Wmb is W:
+            kxW = kx_i[i] @ W[wk[-1]].transpose(-1, -2)  # wk[-1]: "W2" or "W", the first layer
+            kW, xW = kxW[..., :b, :], kxW[..., b:, :]
+        f = grad_factors(kind, Wmb, k_i[i], v_i[i], kW)
         if q is not None:
-            outs.append(_read_mini_batch(W, S, f, k_i[i], x_i[i], R_i[i], cW_i[i], cS_i[i]))
+            outs.append(_read_mini_batch(W, S, f, x_i[i], R_i[i], RKX_i[i], cW_i[i], cS_i[i], xW))
         for e, r in snap_at.get(i, ()):
             cs = cS[:, :, i, r, None, None] if S is not None else None
             snap_list[e] = _combine(W, S, f, k_i[i], R[:, :, i, r], cW[:, :, i, r, None, None], cs)
