@@ -162,9 +162,13 @@ def test_cache_reorder_permutes_the_batch():
     assert cache.batch_size == 3
     # decoding from the reordered cache equals decoding row idx of the original batch
     nxt = torch.randint(1, V, (3, 1))
-    reordered = model(nxt, cache=cache, use_cache=True).logits
     fresh = model(torch.cat([ids[idx], nxt], 1)).logits[:, -1:]
-    assert _rel(reordered, fresh) < 1e-4
+    # a cache passed with use_cache=False is read but not advanced
+    peek = model(nxt, cache=cache, use_cache=False)
+    assert peek.cache is None and cache.get_seq_length() == 9
+    reordered = model(nxt, cache=cache, use_cache=True).logits
+    assert cache.get_seq_length() == 10
+    assert _rel(reordered, fresh) < 1e-4 and _rel(peek.logits, fresh) < 1e-4
     cache.batch_repeat_interleave(2)
     assert cache.batch_size == 6
     cache.batch_select_indices(torch.tensor([1, 4]))

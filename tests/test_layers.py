@@ -124,17 +124,38 @@ def test_bad_mask_raises():
         layer(torch.randn(2, 3, D), attention_mask=torch.ones(2, 1, 3, 3))
 
 
-@pytest.mark.parametrize("memory", ["linear", "swla"])
+@pytest.mark.parametrize("memory", ["linear", "swla", "dla", "titans"])
 def test_mc_left_padding_writes_nothing(memory):
-    """The base RNN (aggregation none, checkpoint): a left-padded sequence gives the real tokens exactly the
-    outputs of the unpadded one, whatever the padded inputs are, so padding wrote nothing to the memory."""
+    """The base RNN (aggregation none, checkpoint, mini-batch 1): a left-padded sequence gives the real tokens
+    exactly the outputs of the unpadded one, whatever the padded inputs are, so padding wrote nothing."""
+    _memory_or_skip(memory)
     torch.manual_seed(0)
-    layer = _mc(memory, "none")
+    layer = _mc(memory, "none", mini_batch=1)
     x = torch.randn(1, 9, D)
     pad = 100 * torch.randn(1, 4, D)
     mask = torch.tensor([[0] * 4 + [1] * 9])
     o = layer(torch.cat([pad, x], 1), attention_mask=mask)[0]
     torch.testing.assert_close(o[:, 4:], layer(x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory", ["linear", "swla", "dla", "titans"])
+def test_masked_token_leaves_the_memory_unchanged(memory):
+    """A masked token after real ones (its convolution window holds real tokens, so its k and v would not be
+    zero by themselves) changes none of the memory's weights."""
+    _memory_or_skip(memory)
+    torch.manual_seed(0)
+    layer = _mc(memory, "none", mini_batch=1)
+    cache = MCCache(num_layers=1)
+    x = torch.randn(1, 6, D)
+    layer(x[:, :5], past_key_values=cache, use_cache=True)
+    before = {n: t.clone() for n, t in layer.mem.readable(cache[0].mc.online).items()}
+    layer(x[:, 5:], attention_mask=torch.tensor([[1] * 5 + [0]]), past_key_values=cache, use_cache=True)
+    after = layer.mem.readable(cache[0].mc.online)
+    assert cache.get_seq_length() == 6
+    for n in before:
+        torch.testing.assert_close(after[n], before[n], rtol=0, atol=1e-7)
+    layer(x[:, 5:], past_key_values=cache, use_cache=True)  # the same token unmasked does write
+    assert any(not torch.allclose(layer.mem.readable(cache[0].mc.online)[n], before[n]) for n in before)
 
 
 def test_attention_decode_and_padding():

@@ -26,7 +26,7 @@ class MCConfig(PretrainedConfig):
         aggregation: "none" (the base RNN) | "residual" | "grm" | "soup" | "ssc" (needs `top_k`) | "mean".
         segment_size, segmentation ("constant" | "logarithmic"), init ("checkpoint" | "independent"),
             top_k, mini_batch (deep memories; `segment_size` must be a multiple of it): see
-            :func:`mcrnn.ops.memory_caching`.
+            :func:`mcrnn.ops.mc`.
         intermediate_size: SwiGLU hidden size (default: 8/3 · hidden_size rounded up to a multiple of 32).
         head_dim: K per head (default hidden_size // num_heads); expand_v: V = head_dim · expand_v.
         expansion: hidden size of the deep memories' MLP in units of K; memory_depth: 2 (MLP) or 1 (linear).
@@ -168,7 +168,7 @@ class MCConfig(PretrainedConfig):
             raise ValueError(
                 f"unknown `segmentation` {self.segmentation!r}: a model takes one of "
                 f"{list(MODEL_SEGMENTATIONS)} "
-                "(explicit boundaries are per call: use mcrnn.ops.memory_caching)"
+                "(explicit boundaries are per call: use mcrnn.ops.mc)"
             )
         if self.init not in INITS:
             raise ValueError(f"unknown `init` {self.init!r}: choose one of {list(INITS)}")

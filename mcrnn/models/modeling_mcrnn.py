@@ -173,8 +173,7 @@ class MCModel(MCPreTrainedModel):
             cache = None  # an empty default cache (e.g. a DynamicCache): replaced by ours
         if use_cache and cache is None:
             cache = MCCache(self.config)
-        if not use_cache:
-            cache = None  # nothing is read from or written to a cache the caller does not want back
+        # a cache passed with use_cache=False is read (the call continues it) but left unchanged
 
         B, T = inputs_embeds.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
@@ -209,6 +208,7 @@ class MCModel(MCPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden_states,)
+        cache = cache if use_cache else None
         if not return_dict:
             return tuple(x for x in (hidden_states, cache, all_hidden) if x is not None)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden)
