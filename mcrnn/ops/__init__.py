@@ -2,7 +2,7 @@
 
 from mcrnn.ops.linear import chunk_linear, naive_linear
 from mcrnn.ops.memories import MEMORIES, Memory, get_memory, register_memory
-from mcrnn.ops.memory_caching import (
+from mcrnn.ops.mc import (
     AGGREGATIONS,
     INITS,
     SEGMENTATIONS,

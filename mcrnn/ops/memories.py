@@ -63,6 +63,11 @@ class Memory:
         states = {n: x.unsqueeze(2).expand(-1, -1, t, *x.shape[2:]) for n, x in cache.items()}
         return self.read(states, q.unsqueeze(3).expand(-1, -1, -1, N, -1), scale)
 
+    def read_weighted(self, cache: State, weights: torch.Tensor, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """`Σ_n weights[..., n] · read(cache_n, q)`: cache `[B, H, N, ...]`, weights `[B, H, t, N]`,
+        `q: [B, H, t, K]` -> `[B, H, t, V]` (GRM, residual and mean all read this way)."""
+        return torch.einsum("bhtn,bhtnv->bhtv", weights, self.read_dense(cache, q, scale))
+
     def read_groups(self, states: State, q: torch.Tensor, scale: float) -> torch.Tensor:
         """One state per group: states `[G, ...]`, `q: [G, m, K]` -> `[G, m, V]`."""
         m = q.shape[1]
@@ -109,6 +114,13 @@ class LinearMemory(Memory):
         B, H, N, K, V = S.shape
         flat = S.permute(0, 1, 3, 2, 4).reshape(B, H, K, N * V)
         return ((q * scale) @ flat).view(B, H, q.shape[2], N, V)
+
+    def read_weighted(self, cache, weights, q, scale):
+        # Σ_n w_n qᵀ S_n = [w_1 q, ..., w_N q] · [S_1; ...; S_N]: one GEMM, no [t, N, V] intermediate
+        S = cache["S"]
+        B, H, N, K, V = S.shape
+        mixed_q = (weights.unsqueeze(-1) * (q * scale).unsqueeze(-2)).reshape(B, H, q.shape[2], N * K)
+        return mixed_q @ S.reshape(B, H, N * K, V)
 
     def read_groups(self, states, q, scale):
         return (q * scale) @ states["S"]

@@ -18,6 +18,39 @@ def _log_decay(decay: torch.Tensor) -> torch.Tensor:
     return torch.log(decay.clamp_min(1e-26)).clamp_min(-60.0)
 
 
+class _ChunkScan(torch.autograd.Function):
+    """`S_{i+1} = c_i S_i + Δ_i` over chunks; returns every `S_i` (`[B, H, n, K, V]`) and `S_n`.
+
+    A hand-written backward: autograd over a Python loop of per-chunk slices would zero-fill a full
+    `[B, H, n, K, V]` gradient for every chunk."""
+
+    @staticmethod
+    def forward(ctx, carry: torch.Tensor, delta: torch.Tensor, s0: torch.Tensor):
+        n = delta.shape[2]
+        starts = delta.new_empty(delta.shape)
+        state = s0
+        for i in range(n):
+            starts[:, :, i] = state
+            state = torch.addcmul(delta[:, :, i], carry[:, :, i, None, None], state)
+        ctx.save_for_backward(carry, starts)
+        return starts, state
+
+    @staticmethod
+    def backward(ctx, d_starts: torch.Tensor | None, d_final: torch.Tensor | None):
+        carry, starts = ctx.saved_tensors
+        n = starts.shape[2]
+        d_delta = torch.empty_like(starts)
+        d_carry = torch.empty_like(carry)
+        d_state = d_final if d_final is not None else torch.zeros_like(starts[:, :, 0])
+        for i in range(n - 1, -1, -1):
+            d_delta[:, :, i] = d_state
+            d_carry[:, :, i] = (d_state * starts[:, :, i]).sum((-1, -2))
+            d_state = carry[:, :, i, None, None] * d_state
+            if d_starts is not None:
+                d_state = d_state + d_starts[:, :, i]
+        return d_carry, d_delta, d_state
+
+
 def linear_scan(
     q: torch.Tensor | None,
     k: torch.Tensor,
@@ -79,11 +112,7 @@ def linear_scan(
     carry_w = carry.to(dt).expand(B, H, n) if g is None else torch.exp(g[..., -1]) * carry.to(dt)
 
     state = initial_state if initial_state is not None else k.new_zeros(B, H, K, V)
-    starts = []
-    for i in range(n):
-        starts.append(state)
-        state = carry_w[:, :, i, None, None] * state + delta[:, :, i]
-    start_states = torch.stack(starts, dim=2)  # [B, H, n, K, V]: the state entering each chunk
+    start_states, state = _ChunkScan.apply(carry_w, delta, state)  # start_states: the state entering each chunk
 
     o = None
     if q is not None:

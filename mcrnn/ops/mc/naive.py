@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mcrnn.ops.memory_caching.state import (
+from mcrnn.ops.mc.state import (
     MCOptions,
     MCState,
     check_gates,
@@ -186,6 +186,6 @@ def naive_memory_caching(
 
 
 def _boundary_set(boundaries: Sequence[int], T: int) -> set[int]:
-    from mcrnn.ops.memory_caching.plan import check_boundaries
+    from mcrnn.ops.mc.plan import check_boundaries
 
     return set(check_boundaries(boundaries, T))

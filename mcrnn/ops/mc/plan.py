@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mcrnn.ops.memory_caching.state import MCOptions, MCState, trailing_zeros
+from mcrnn.ops.mc.state import MCOptions, MCState, trailing_zeros
 
 
 def check_boundaries(boundaries: Sequence[int], T: int) -> list[int]:

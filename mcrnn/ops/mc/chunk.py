@@ -14,8 +14,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mcrnn.ops.memories import Memory, State
-from mcrnn.ops.memory_caching.plan import Plan, make_plan
-from mcrnn.ops.memory_caching.state import (
+from mcrnn.ops.mc.plan import Plan, make_plan
+from mcrnn.ops.mc.state import (
     MCOptions,
     MCState,
     check_gates,
@@ -218,59 +218,59 @@ def _aggregate(opts, plan, q, u, r, p_on, pool_states, pool_p) -> torch.Tensor:
     grad = torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, u, r, p_on, pool_p, *pool_states.values())
     )
+    blocks = _blocks(plan)
+    sizes = [t1 - t0 for t0, t1, _, _ in blocks]
+    # split/unbind once: per-block slices of autograd tensors would each zero-fill a full-size gradient
+    pieces = [x.split(sizes, dim=2) for x in (q, u, r, p_on)]
+    names = tuple(pool_states)
+    entries = [x.unbind(2) for x in pool_states.values()]
+    entry_p = pool_p.unbind(2)
     outs = []
-    for t0, t1, sa, sb in _blocks(plan):
+    for b, (t0, t1, sa, sb) in enumerate(blocks):
+        q_b, u_b, r_b, p_on_b = (x[b] for x in pieces)
         union = [i for i, e in enumerate(plan.entries) if e.vis_lo <= sb and e.vis_hi > sa]
         if not union:  # nothing cached yet: every aggregation reduces to the online read
-            outs.append(r[:, :, t0:t1])
+            outs.append(r_b)
             continue
-        contiguous = union == list(range(union[0], union[-1] + 1))
-        index = slice(union[0], union[-1] + 1) if contiguous else torch.tensor(union, device=dev)
+        idx = torch.tensor(union, device=dev)
         s = seg[t0:t1, None]
-        visible = (lo[index][None] <= s) & (s < hi[index][None])  # [t, n]
-        fn = _AggregateBlock(opts, index)
-        args = (q[:, :, t0:t1], u[:, :, t0:t1], r[:, :, t0:t1], p_on[:, :, t0:t1], visible, pool_p,
-                *pool_states.values())
-        names = tuple(pool_states)
-        if grad:
-            o_blk = checkpoint(fn, names, *args, use_reentrant=False)
-        else:
-            o_blk = fn(names, *args)
-        outs.append(o_blk)
+        visible = (lo[idx][None] <= s) & (s < hi[idx][None])  # [t, n]
+        fn = _AggregateBlock(opts, names, len(union))
+        args = (q_b, u_b, r_b, p_on_b, visible, *(entry_p[i] for i in union),
+                *(x[i] for x in entries for i in union))
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
     return torch.cat(outs, dim=2)
 
 
 class _AggregateBlock:
-    """The output of one block of tokens from its online reads and its visible caches (SPEC §2.3)."""
+    """The output of one block of tokens from its online reads and its `n` visible caches (SPEC §2.3)."""
 
-    def __init__(self, opts: MCOptions, index):
-        self.opts, self.index = opts, index
+    def __init__(self, opts: MCOptions, names: tuple[str, ...], n: int):
+        self.opts, self.names, self.n = opts, names, n
 
-    def __call__(self, names, q, u, r, p_on, visible, pool_p, *pool_values):
-        opts, mem = self.opts, self.opts.memory
-        cache = {n: x[:, :, self.index] for n, x in zip(names, pool_values)}
+    def __call__(self, q, u, r, p_on, visible, *flat):
+        opts, mem, n = self.opts, self.opts.memory, self.n
+        p = torch.stack(flat[:n], dim=2)  # [B, H, n, K]
+        cache = {name: torch.stack(flat[n * (i + 1): n * (i + 2)], dim=2) for i, name in enumerate(self.names)}
         agg = opts.aggregation
         if agg in ("residual", "mean"):
-            w = visible.to(q.dtype)
+            w = visible.to(q.dtype).expand(*q.shape[:2], *visible.shape)
             if agg == "mean":
                 n_read = (visible.sum(-1, keepdim=True) + 1).to(q.dtype)  # the caches + the online memory
                 w, r = w / n_read, r / n_read
-            reads = mem.read_dense(cache, q, opts.scale)  # [B, H, t, n, V]
-            return r + torch.einsum("tn,bhtnv->bhtv", w, reads)
-        p = pool_p[:, :, self.index]
+            return r + mem.read_weighted(cache, w, q, opts.scale)
         z = (u @ p.transpose(-1, -2)) * opts.score_scale  # [B, H, t, n]
         z = z.masked_fill(~visible, float("-inf"))
         z_on = (u * p_on).sum(-1, keepdim=True) * opts.score_scale
-        if agg == "ssc" and opts.top_k < z.shape[-1]:
+        if agg == "ssc" and opts.top_k < n:
             z, pick = z.topk(opts.top_k, dim=-1)
             gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
             reads = _grouped_reads(mem, cache, q, pick, opts.scale)  # [B, H, t, top_k, V]
-        else:
-            gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
-            if agg == "soup" and not mem.linear_read:
-                raise NotImplementedError(f"soup over the deep memory {mem.name!r} needs the memory's soup read")
-            reads = mem.read_dense(cache, q, opts.scale)
-        return gamma[..., -1:] * r + (gamma[..., :-1].unsqueeze(-1) * reads).sum(-2)
+            return gamma[..., -1:] * r + (gamma[..., :-1].unsqueeze(-1) * reads).sum(-2)
+        if agg == "soup" and not mem.linear_read:
+            raise NotImplementedError(f"soup over the deep memory {mem.name!r} needs the memory's soup read")
+        gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
+        return gamma[..., -1:] * r + mem.read_weighted(cache, gamma[..., :-1], q, opts.scale)
 
 
 def _grouped_reads(mem: Memory, cache: State, q: torch.Tensor, pick: torch.Tensor, scale: float) -> torch.Tensor:
