@@ -297,51 +297,56 @@ def _segprod(g: torch.Tensor) -> torch.Tensor:
     return torch.where(strict | (ar[:, None] == ar[None, :]), X.cumprod(-2), zero)
 
 
-def _combine(
-    W: dict[str, torch.Tensor], S: dict[str, torch.Tensor] | None, f: dict[str, torch.Tensor],
-    k: torch.Tensor, w: torch.Tensor, cw: torch.Tensor, cs: torch.Tensor | None,
-) -> dict[str, torch.Tensor]:
-    """`cw W + cs S - Σ_j w_j ∇W_j` for every weight; leading dims `[*L]`, `w: [*L, b]`, `cw, cs: [*L, 1, 1]`.
+def _pairs(f: dict[str, torch.Tensor], k: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per weight, the two factors of its rank-one gradients: `∇_j = left_j right_jᵀ`."""
+    return {"W": (f["e"], k)} if "a" not in f else {"W1": (f["e"], f["a"]), "W2": (f["g"], k)}
 
-    The rank-b sum goes into a `baddbmm` and `cs S` into an `addcmul`, so each weight costs three passes over
-    the state (these state-sized ops dominate the time on CPU)."""
-    w = w.unsqueeze(-1)
-    pairs = {"W": (f["e"], k)} if "a" not in f else {"W1": (f["e"], f["a"]), "W2": (f["g"], k)}
+
+def _advance(
+    X: dict[str, torch.Tensor], f: dict[str, torch.Tensor], k: torch.Tensor, A: torch.Tensor, L: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Linear map of a stacked state plus rank-b gradient terms, per weight.
+
+    `X[name]: [B, H, m·r, c]` holds `m` blocks (dla: `W`; titans: `W` over the momentum `S`),
+    `A: [B, H, p, m]`, `L: [B, H, p, b]`. Block `i` of the result (`[B, H, p·r, c]`) is
+    `Σ_m A_im X_m - Σ_j L_ij ∇_j`. The block mix is one small `bmm` over the whole state and the gradient
+    terms one `baddbmm`: two passes over the state per weight (state-sized passes dominate the CPU time)."""
     out = {}
-    for nm, (left, right) in pairs.items():
-        base = cw * W[nm]
-        if S is not None:
-            base = torch.addcmul(base, cs, S[nm])
-        lead = base.shape[:-2]
-        lt = (w * left).transpose(-1, -2)
+    B, H, p, m = A.shape
+    b = L.shape[-1]
+    for nm, (left, right) in _pairs(f, k).items():
+        x = X[nm]
+        r, c = x.shape[-2] // m, x.shape[-1]
+        base = (A.reshape(B * H, p, m) @ x.reshape(B * H, m, r * c)).view(B * H, p * r, c)
+        lw = (L.unsqueeze(-1) * left.unsqueeze(-3)).transpose(-2, -3)  # [B, H, b, p, r]
         out[nm] = torch.baddbmm(
-            base.reshape(-1, *base.shape[-2:]), lt.reshape(-1, *lt.shape[-2:]),
-            right.reshape(-1, *right.shape[-2:]), alpha=-1.0,
-        ).view(*lead, *base.shape[-2:])
+            base, lw.reshape(B * H, b, p * r).transpose(-1, -2), right.reshape(B * H, b, c), alpha=-1.0
+        ).view(B, H, p * r, c)
     return out
 
 
 def _read_mini_batch(
-    W: dict[str, torch.Tensor], S: dict[str, torch.Tensor] | None, f: dict[str, torch.Tensor],
-    x: torch.Tensor, R: torch.Tensor, RKX: torch.Tensor, cw: torch.Tensor, cs: torch.Tensor | None,
-    xW: torch.Tensor | None,
+    X: dict[str, torch.Tensor], f: dict[str, torch.Tensor], x: torch.Tensor, R: torch.Tensor,
+    RKX: torch.Tensor, C: torch.Tensor, xX: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`o_t = f_{W_t}(x_t)` for the `b` tokens of one mini-batch without building `W_t`: `W, S` the state
-    entering it (`[B, H, ...]`), `x: [B, H, b, K]`, `R: [B, H, b, b]`, `RKX = R ⊙ (x kᵀ)`,
-    `cw, cs: [B, H, b, 1]`, `xW`: `x` times the first layer of `W` transposed when already computed."""
+    """`o_t = f_{W_t}(x_t)` for the `b` tokens of one mini-batch without building `W_t`.
 
-    def apply(name: str, y: torch.Tensor, RY: torch.Tensor, vecs: torch.Tensor, yW=None) -> torch.Tensor:
-        # W_t y_t = cw_t W y_t + cs_t S y_t - Σ_j R_tj (rows_j · y_t) vecs_j   (∇_j = vecs_j rows_jᵀ,
+    `X` the stacked state entering it (see :func:`_advance`), `x: [B, H, b, K]`, `R: [B, H, b, b]`,
+    `RKX = R ⊙ (x kᵀ)`, `C: [B, H, b, m]` the coefficients of the blocks in `W_t`, `xX`: `x` times the stacked
+    first layer transposed when already computed."""
+    B, H, b, m = C.shape
+
+    def apply(name: str, y: torch.Tensor, RY: torch.Tensor, vecs: torch.Tensor, yX=None) -> torch.Tensor:
+        # W_t y_t = Σ_m C_tm X_m y_t - Σ_j R_tj (rows_j · y_t) vecs_j   (∇_j = vecs_j rows_jᵀ,
         # RY = R ⊙ (y rowsᵀ))
-        out = cw * (y @ W[name].transpose(-1, -2) if yW is None else yW)
-        if S is not None:
-            out = torch.addcmul(out, cs, y @ S[name].transpose(-1, -2))
+        yX = y @ X[name].transpose(-1, -2) if yX is None else yX  # [B, H, b, m·r]: every block in one matmul
+        out = yX * C if m == 1 else (yX.unflatten(-1, (m, -1)) * C.unsqueeze(-1)).sum(-2)
         out = torch.baddbmm(out.flatten(0, 1), RY.flatten(0, 1), vecs.flatten(0, 1), alpha=-1.0)
-        return out.view(y.shape[:-1] + out.shape[-1:])
+        return out.view(B, H, b, -1)
 
-    if "W" in W:
-        return apply("W", x, RKX, f["e"], xW)
-    u = gelu(apply("W2", x, RKX, f["g"], xW))
+    if "W" in X:
+        return apply("W", x, RKX, f["e"], xX)
+    u = gelu(apply("W2", x, RKX, f["g"], xX))
     return x + apply("W1", u, R * (u @ f["a"].transpose(-1, -2)), f["e"])
 
 
@@ -361,6 +366,7 @@ def deep_scan(
     n, b = layout.idx.shape
     dt = k.dtype
     wk = weight_keys(params)
+    titans = kind == "titans"
 
     def gather(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, *D] -> [B, H, n, b, *D], zero padding
         if layout.regular:
@@ -372,89 +378,82 @@ def deep_scan(
     kc, vc = gather(k), gather(v)
     theta = gather(gates["lr"])
     # Coefficients of the in-mini-batch linear recurrences (padding sits after each row's last real token, so
-    # by causality it never reaches a real one).
-    if kind == "dla":
+    # by causality it never reaches a real one). The state is stacked in blocks, `[W]` (dla) or `[W; S]`
+    # (titans); C[t] are the coefficients of the entering blocks in W_t, `R` those of the gradients.
+    if not titans:
         a = gather(gates["decay"])
-        R = _segprod(a)  # R[t, j] = Π_{j<i<=t} a_i
-        cW = a.cumprod(-1)  # coefficient of W_in in W_t
-        cS = RS = cE = None
+        R = _segprod(a) * theta.unsqueeze(-2)  # R[t, j] = θ_j Π_{j<i<=t} a_i
+        C = a.cumprod(-1).unsqueeze(-1)  # [B, H, n, b, 1]
     else:
         beta, eta = 1.0 - gather(gates["forget"]), gather(gates["momentum"])
         P, Q = _segprod(beta), _segprod(eta)
-        cW, cE = beta.cumprod(-1), eta.cumprod(-1)
-        R = P @ Q  # W_t gets S_s with Π_{s<i<=t} β_i, S_s gets G_j with Π_{j<i<=s} η_i
-        cS = (P @ cE.unsqueeze(-1)).squeeze(-1)
-        RS = Q * theta.unsqueeze(-2)
-    R = R * theta.unsqueeze(-2)
+        cE = eta.cumprod(-1)
+        # W_t gets S_s with Π_{s<i<=t} β_i, and S_s gets G_j with Π_{j<i<=s} η_i
+        R, RS = (P @ Q) * theta.unsqueeze(-2), Q * theta.unsqueeze(-2)
+        C = torch.stack([beta.cumprod(-1), (P @ cE.unsqueeze(-1)).squeeze(-1)], dim=-1)  # [B, H, n, b, 2]
 
+    # End of each mini-batch (row of its last real token): block mix A and gradient weights L.
     last = torch.tensor(layout.length, device=k.device) - 1
     ar = torch.arange(n, device=k.device)
+    if not titans:
+        A_end, L_end = C[:, :, ar, last].unsqueeze(-2), R[:, :, ar, last].unsqueeze(-2)  # [B, H, n, 1, 1|b]
+    else:
+        zero = torch.zeros_like(cE[:, :, ar, last])
+        A_end = torch.stack([C[:, :, ar, last], torch.stack([zero, cE[:, :, ar, last]], -1)], dim=-2)
+        L_end = torch.stack([R[:, :, ar, last], RS[:, :, ar, last]], dim=-2)  # [B, H, n, 2, b]
 
-    def rows(x: torch.Tensor | None, end: bool = False) -> tuple | None:
-        """Per mini-batch pieces of `x: [B, H, n, ...]` (`end`: only the row of its last real token). One
-        `unbind`: indexing `x[:, :, i]` in the loop would make autograd allocate a full-size zero gradient per
-        mini-batch (select_backward), O(n^2) memory traffic in the backward."""
-        if x is None:
-            return None
-        if end:
-            x = x[:, :, ar, last]
-        return x.unbind(2)
-
-    def col(x: torch.Tensor | None, extra: int) -> torch.Tensor | None:  # append broadcast dims
-        return None if x is None else x[(...,) + (None,) * extra]
-
-    k_i, v_i = rows(kc), rows(vc)
-    R_end, RS_end = rows(R, end=True), rows(RS, end=True)
-    cW_end, cS_end, cE_end = (rows(col(c, 2), end=True) for c in (cW, cS, cE))
-    # When the gradient point is the entering state (every mini-batch but a continued first one), keys and
-    # queries go through the first layer in one matmul.
-    merge = kind == "titans" or "W1" in wk
+    # Unbind once: indexing `x[:, :, i]` in the loop would make autograd allocate a full-size zero gradient
+    # per mini-batch (select_backward), O(n^2) memory traffic in the backward.
+    k_i, v_i, A_i, L_i = kc.unbind(2), vc.unbind(2), A_end.unbind(2), L_end.unbind(2)
+    merge = titans or "W1" in wk  # the gradients need k through the first layer: share the matmul with q
     if q is not None:
         xc = gather(q) * scale
-        RKX_i = rows(R * (xc @ kc.transpose(-1, -2)))  # state-independent: one batched product
-        R_i, cW_i = rows(R), rows(col(cW, 1))
-        cS_i = rows(col(cS, 1)) if cS is not None else [None] * n
-        x_i = rows(xc)
-        kx_i = rows(torch.cat([kc, xc], dim=-2)) if merge else None
+        RKX_i = (R * (xc @ kc.transpose(-1, -2))).unbind(2)  # state-independent: one batched product
+        R_i, C_i, x_i = R.unbind(2), C.unbind(2), xc.unbind(2)
+        kx_i = torch.cat([kc, xc], dim=-2).unbind(2) if merge else None
     snap_at: dict[int, list[tuple[int, int]]] = {}  # mini-batch -> [(slot in the output, row)]
     if len(positions):
         flat = layout.where[torch.as_tensor(list(positions), dtype=torch.long, device=k.device) - 1].tolist()
         for e, fl in enumerate(flat):
             snap_at.setdefault(fl // b, []).append((e, fl % b))
 
+    def stacked(W: dict, S: dict | None) -> dict[str, torch.Tensor]:
+        return {nm: torch.cat([W[nm], S[nm]], dim=-2) if titans else W[nm] for nm in wk}
+
     M0 = {nm: params[nm].to(dt).unsqueeze(0).expand(B, *params[nm].shape) for nm in wk}
-    W = {nm: initial[nm] for nm in wk}
-    Wmb = {nm: initial[nm + "_mb"] for nm in wk}
-    S = {nm: initial[MOMENTUM[nm]] for nm in wk} if kind == "titans" else None
+    X0 = stacked(M0, {nm: torch.zeros_like(x) for nm, x in M0.items()})
+    rows = {nm: M0[nm].shape[-2] for nm in wk}
+
+    def w_block(X: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {nm: X[nm][..., : rows[nm], :] for nm in wk}
+
+    X = stacked({nm: initial[nm] for nm in wk}, {nm: initial[MOMENTUM[nm]] for nm in wk} if titans else None)
+    Wmb, mb_is_in = {nm: initial[nm + "_mb"] for nm in wk}, False
     outs, snap_list = [], [None] * len(positions)
     for i in range(n):
         if layout.reset[i]:
-            W, Wmb = M0, M0
-            S = {nm: torch.zeros_like(x) for nm, x in M0.items()} if S is not None else None
+            X, mb_is_in = X0, True
         elif layout.new[i]:
-            Wmb = W
-        kW = xW = None
-        if q is not None and merge and Wmb is W:
-            kxW = kx_i[i] @ W[wk[-1]].transpose(-1, -2)  # wk[-1]: "W2" or "W", the first layer
-            kW, xW = kxW[..., :b, :], kxW[..., b:, :]
+            mb_is_in = True
+        if mb_is_in:
+            Wmb = w_block(X)
+        kW = xX = None
+        if q is not None and merge and mb_is_in:
+            first = wk[-1]  # "W2" or "W"
+            kxX = kx_i[i] @ X[first].transpose(-1, -2)  # [B, H, 2b, m·r]
+            kW, xX = kxX[..., :b, : rows[first]], kxX[..., b:, :]
         f = grad_factors(kind, Wmb, k_i[i], v_i[i], kW)
         if q is not None:
-            outs.append(_read_mini_batch(W, S, f, x_i[i], R_i[i], RKX_i[i], cW_i[i], cS_i[i], xW))
+            outs.append(_read_mini_batch(X, f, x_i[i], R_i[i], RKX_i[i], C_i[i], xX))
         for e, r in snap_at.get(i, ()):
-            cs = cS[:, :, i, r, None, None] if S is not None else None
-            snap_list[e] = _combine(W, S, f, k_i[i], R[:, :, i, r], cW[:, :, i, r, None, None], cs)
-        if kind == "dla":
-            W = _combine(W, None, f, k_i[i], R_end[i], cW_end[i], None)
-        else:
-            W, S = (
-                _combine(W, S, f, k_i[i], R_end[i], cW_end[i], cS_end[i]),
-                _combine(S, None, f, k_i[i], RS_end[i], cE_end[i], None),
-            )
-    final = dict(W)
+            snap_list[e] = _advance(X, f, k_i[i], C[:, :, i, r].unsqueeze(-2), R[:, :, i, r].unsqueeze(-2))
+        X = _advance(X, f, k_i[i], A_i[i], L_i[i])
+        mb_is_in = False
+    final = w_block(X)
     for nm in wk:
         final[nm + "_mb"] = Wmb[nm]  # the start of the last token's mini-batch (what `deep_step` keeps)
-        if S is not None:
-            final[MOMENTUM[nm]] = S[nm]
+        if titans:
+            final[MOMENTUM[nm]] = X[nm][..., rows[nm] :, :]
 
     o = None
     if q is not None:
