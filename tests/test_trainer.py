@@ -72,6 +72,8 @@ def test_overrides_are_yaml_and_floats_accept_exponents():
     ("--model.hiden_size=32", "model.hiden_size"),
     ("--model.aggregation=best", "aggregation"),
     ("--optim.lr=1", "optim"),
+    ("--data.num_kv_pairs=[4, 0]", r"data.num_kv_pairs\[1\]"),
+    ("--data.num_kv_pairs=[4, 2, 3]", "train.batch_size"),
 ])
 def test_bad_config_fails_before_training(tmp_path, override, field):
     raw = tiny(tmp_path)
@@ -79,7 +81,7 @@ def test_bad_config_fails_before_training(tmp_path, override, field):
     path.write_text(yaml.safe_dump(raw))
     # load_config checks the sections; train() builds the model (MCConfig checks its own values) before
     # writing anything, so a bad config leaves no out_dir behind
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.") if "[" not in field else field):
         train(load_config(path, [override]))
     assert not Path(raw["train"]["out_dir"]).exists()
 
@@ -176,6 +178,11 @@ def test_mqar_batches_are_a_function_of_seed_and_step():
     # the held-out set shares no generator seed with any training step (even vs odd seeds)
     ex, _ = a.eval_set()
     assert not any(torch.equal(ex[:8], a.global_batch(s, 8)[0]) for s in range(4))
+    # a list of pair counts mixes them within every batch; the eval set uses the largest
+    mixed = make_batches(load_config(None, {"data": {**TINY["data"], "num_kv_pairs": [2, 6]}}).data, seed=1)
+    counts = (mixed.global_batch(0, 8)[1] != -100).sum(1)
+    assert sorted(counts.tolist()) == [2] * 4 + [6] * 4 and counts.tolist() != sorted(counts.tolist())
+    assert ((mixed.eval_set()[1] != -100).sum(1) == 6).all()
 
 
 def test_text_smoke(tmp_path):
@@ -205,11 +212,14 @@ def _free_port() -> int:
 
 
 def test_ddp_two_processes_match_one(tmp_path):
-    """2 gloo ranks on batch B/2 each == 1 process on batch B (the same global rows, see train/data.py)."""
-    over = {"steps": 4, "warmup": 1, "eval_every": 0, "batch_size": 8, "grad_accum": 2}
-    single = tiny(tmp_path, "single", train=over)
+    """2 gloo ranks x 2 micro-batches == 1 process on the whole batch (the same global rows, see
+    train/data.py). Mixed numbers of pairs give rows different numbers of labels, so this also checks that
+    the loss is normalised by the global label count, not averaged over micro-batches."""
+    over = {"steps": 4, "warmup": 1, "eval_every": 0, "batch_size": 8}
+    data = {"num_kv_pairs": [2, 4]}
+    single = tiny(tmp_path, "single", train=over, data=data)
     train(load_config(None, single))
-    ddp = tiny(tmp_path, "ddp", train=over)
+    ddp = tiny(tmp_path, "ddp", train={**over, "grad_accum": 2}, data=data)
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(ddp))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -35,7 +35,8 @@ class DataConfig:
     seq_len: int = _spec(256, lo=2, doc="tokens per example")
     # MQAR
     vocab_size: int = _spec(8192, lo=4, doc="MQAR vocabulary (keys in the lower half, values the upper)")
-    num_kv_pairs: int = _spec(16, lo=1, doc="MQAR key-value pairs per example")
+    num_kv_pairs: int | list[int] = _spec(16, lo=1, doc="MQAR pairs per example; a list mixes difficulties")
+    eval_num_kv_pairs: int | None = _spec(None, lo=1, doc="MQAR pairs of the eval set (None: the largest)")
     power_a: float | None = _spec(None, lo=0.0, lo_open=True, doc="query-gap power law (None: task default)")
     random_non_queries: bool = _spec(True, doc="MQAR filler: random tokens instead of 0")
     num_eval: int = _spec(1000, lo=1, doc="held-out examples for eval (text: first windows of valid)")
@@ -113,6 +114,8 @@ def _coerce(name: str, value, allowed: tuple[type, ...]):
             pass
     elif value is None and type(None) in allowed:
         return None
+    elif isinstance(value, list) and list in allowed and value:
+        return [_coerce(f"{name}[{i}]", v, (int,)) for i, v in enumerate(value)]
     elif isinstance(value, str) and str in allowed:
         return value
     names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
@@ -120,6 +123,10 @@ def _coerce(name: str, value, allowed: tuple[type, ...]):
 
 
 def _check_range(name: str, value, meta: dict) -> None:
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_range(f"{name}[{i}]", v, meta)
+        return
     if value is None:
         return
     if meta["choices"] is not None and value not in meta["choices"]:
@@ -202,6 +209,10 @@ def validate(raw: dict) -> Config:
     return cfg
 
 
+def kv_pairs(d: DataConfig) -> list[int]:
+    return [d.num_kv_pairs] if isinstance(d.num_kv_pairs, int) else list(d.num_kv_pairs)
+
+
 def _check_cross(cfg: Config) -> None:
     d, t = cfg.data, cfg.train
     if t.warmup > t.steps:
@@ -210,12 +221,17 @@ def _check_cross(cfg: Config) -> None:
         raise ValueError(f"train.batch_size: {t.batch_size} is not a multiple of train.grad_accum "
                          f"{t.grad_accum}")
     if d.task.startswith("mqar"):
-        if d.seq_len % 2 or 4 * d.num_kv_pairs > d.seq_len:
+        ns = kv_pairs(d)
+        n = max(ns + [d.eval_num_kv_pairs or 0])
+        if d.seq_len % 2 or 4 * n > d.seq_len:
             raise ValueError(f"data.num_kv_pairs: MQAR needs an even seq_len >= 4 * num_kv_pairs, "
-                             f"got seq_len={d.seq_len}, num_kv_pairs={d.num_kv_pairs}")
-        if d.vocab_size < 2 * d.num_kv_pairs + 2:
-            raise ValueError(f"data.vocab_size: must be >= 2 * num_kv_pairs + 2 = {2 * d.num_kv_pairs + 2}, "
+                             f"got seq_len={d.seq_len}, num_kv_pairs={n}")
+        if d.vocab_size < 2 * n + 2:
+            raise ValueError(f"data.vocab_size: must be >= 2 * num_kv_pairs + 2 = {2 * n + 2}, "
                              f"got {d.vocab_size}")
+        if t.batch_size % len(ns):
+            raise ValueError(f"train.batch_size: {t.batch_size} is not a multiple of the {len(ns)} values of "
+                             f"data.num_kv_pairs")
         vs = cfg.model.get("vocab_size")
         if vs is not None and vs < d.vocab_size:
             raise ValueError(f"model.vocab_size: {vs} is smaller than data.vocab_size {d.vocab_size}")

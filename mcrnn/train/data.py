@@ -14,7 +14,7 @@ import torch
 
 from mcrnn.data import mqar, mqar_spread, split_seeds
 
-from .config import DataConfig
+from .config import DataConfig, kv_pairs
 
 # torch's CPU generator keeps only the low 32 bits of a seed, so (seed, step) is folded into 31 bits;
 # a step stride of 1_000_003 keeps the steps of one run distinct up to 2**31 steps (different user seeds
@@ -37,17 +37,26 @@ class MQARBatches:
         self.power_a = cfg.power_a if cfg.power_a is not None else default_a
         self.vocab_size = cfg.vocab_size
 
-    def _make(self, n: int, seed: int):
+    def _make(self, rows: int, pairs: int, seed: int):
         c = self.cfg
-        return self.fn(n, c.seq_len, c.vocab_size, c.num_kv_pairs, self.power_a, c.random_non_queries, seed)
+        return self.fn(rows, c.seq_len, c.vocab_size, pairs, self.power_a, c.random_non_queries, seed)
 
     def global_batch(self, step: int, batch_size: int):
-        train_seed, _ = split_seeds(step_seed(self.seed, step))
-        return self._make(batch_size, train_seed)
+        ns = kv_pairs(self.cfg)
+        if len(ns) == 1:
+            return self._make(batch_size, ns[0], split_seeds(step_seed(self.seed, step))[0])
+        # a mix of difficulties: an equal share of rows per value, each from its own seed, then shuffled
+        # so that every rank and micro-batch gets the mix
+        J = len(ns)
+        parts = [self._make(batch_size // J, n, split_seeds(step_seed(self.seed, step * J + j))[0])
+                 for j, n in enumerate(ns)]
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(step_seed(self.seed, step)))
+        return x[perm], y[perm]
 
     def eval_set(self):
-        _, test_seed = split_seeds(self.seed)
-        return self._make(self.cfg.num_eval, test_seed)
+        n = self.cfg.eval_num_kv_pairs or max(kv_pairs(self.cfg))
+        return self._make(self.cfg.num_eval, n, split_seeds(self.seed)[1])
 
 
 class TextBatches:

@@ -40,9 +40,10 @@ METRICS_NAME = "metrics.jsonl"
 # --- small pieces -----------------------------------------------------------------------------------------
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over labelled positions; labels are already shifted (`logits[t]` ↔ `labels[t]`)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over labelled positions; labels are already shifted (`logits[t]` ↔ `labels[t]`)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
 def lr_factor(step: int, warmup: int, steps: int, min_ratio: float) -> float:
@@ -187,12 +188,12 @@ def _setup(t) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def _mean_across(x: float, world: int, device) -> float:
+def _sum_across(x: float, world: int, device) -> float:
     if world == 1:
         return x
     t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t) / world
+    return float(t)
 
 
 # --- the loop ---------------------------------------------------------------------------------------------
@@ -300,8 +301,12 @@ def train(cfg: Config, resume: bool | str | Path = False, stop_at: int | None = 
     net.train()
     while step < min(last, t.steps):
         t0 = time.perf_counter()
-        micro = shard(batches.global_batch(step, t.batch_size), rank, world, t.grad_accum)
-        step_loss = step_correct = step_count = 0.0
+        batch = batches.global_batch(step, t.batch_size)
+        # the loss is the mean over the labelled tokens of the whole global batch (every rank knows their
+        # number), whatever the split into ranks and micro-batches: each micro-batch contributes its sum
+        n_labels = max(int((batch[1] != IGNORE_INDEX).sum()), 1)
+        micro = shard(batch, rank, world, t.grad_accum)
+        step_loss = step_correct = 0.0
         for i, (x, y) in enumerate(micro):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # accumulate locally; DDP all-reduces the gradients on the last micro-batch only
@@ -309,12 +314,11 @@ def train(cfg: Config, resume: bool | str | Path = False, stop_at: int | None = 
             with sync:
                 with amp:
                     logits = net(input_ids=x, use_cache=False).logits
-                loss = lm_loss(logits, y)
-                (loss / len(micro)).backward()
-            mask = y != IGNORE_INDEX
-            step_loss += loss.item() / len(micro)
-            step_correct += int(((logits.detach().argmax(-1) == y) & mask).sum())
-            step_count += int(mask.sum())
+                loss_sum = lm_loss(logits, y, reduction="sum")
+                # DDP averages the gradients over ranks, hence the factor `world`
+                (loss_sum * (world / n_labels)).backward()
+            step_loss += loss_sum.item() / n_labels  # this rank's share of the global mean
+            step_correct += int(((logits.detach().argmax(-1) == y) & (y != IGNORE_INDEX)).sum())
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; lower train.lr or set "
                                      f"train.grad_clip")
@@ -328,12 +332,12 @@ def train(cfg: Config, resume: bool | str | Path = False, stop_at: int | None = 
         dt = time.perf_counter() - t0
         train_seconds += dt
         win_loss += step_loss
-        win_acc += step_correct / max(step_count, 1)
+        win_acc += step_correct / n_labels
         win_n, win_t = win_n + 1, win_t + dt
 
         if step % t.log_every == 0 or step == t.steps:
-            loss_avg = _mean_across(win_loss / win_n, world, device)
-            acc_avg = _mean_across(win_acc / win_n, world, device)
+            loss_avg = _sum_across(win_loss, world, device) / win_n
+            acc_avg = _sum_across(win_acc, world, device) / win_n
             tps = win_n * tokens_per_step / max(win_t, 1e-9)
             write({"step": step, "loss": loss_avg, "acc": acc_avg, "lr": lr, "tokens_per_s": tps,
                    "train_seconds": train_seconds})
