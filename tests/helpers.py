@@ -8,6 +8,8 @@ import torch
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """fla-style relative error: max |a - b| over max |b| (0 when both are 0)."""
     a, b = a.detach().double(), b.detach().double()
+    if b.numel() == 0:
+        return 0.0
     denom = b.abs().max().item()
     diff = (a - b).abs().max().item() if a.numel() else 0.0
     return diff / denom if denom > 0 else diff
@@ -32,7 +34,8 @@ def make_inputs(B=2, T=37, H=3, K=4, V=5, gate_names=(), dtype=torch.float64, se
 def grads(out: torch.Tensor, tensors, weight: torch.Tensor) -> list[torch.Tensor]:
     """Gradients of `<out, weight>` w.r.t. `tensors` (zeros for unused ones)."""
     return list(
-        torch.autograd.grad((out * weight).sum(), list(tensors), allow_unused=True, materialize_grads=True)
+        torch.autograd.grad((out * weight).sum(), list(tensors), allow_unused=True, materialize_grads=True,
+                            retain_graph=True)
     )
 
 
