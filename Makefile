@@ -10,18 +10,17 @@ TORCH_PIN ?= torch==2.13.0
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 
 install: $(PY)
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[lm]"
 
 install-dev: $(PY)
 	$(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q -e ".[dev]"
 
 test: install-dev
-	$(PY) -m pytest -q -m "not slow" -n 0 2>/dev/null || $(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow"
 
 test-all: install-dev
 	$(PY) -m pytest -q
@@ -30,7 +29,7 @@ lint: install-dev
 	$(PY) -m ruff check .
 
 demo: install
-	$(PY) -m mcrnn.ops.demo
+	$(PY) -m mcrnn demo
 
 bench: install
 	$(PY) benchmarks/ops.py
