@@ -97,8 +97,9 @@ def memory_caching(
     if opts.aggregation == "none":
         o = r
     else:
-        pool_key_sum, seg_sums = _key_sums(plan, state, kh)
-        p_on = _online_summary(plan, state, kh)
+        csum = _prefix_sums(kh)
+        pool_key_sum, seg_sums = _key_sums(plan, state, kh, csum)
+        p_on = _online_summary(plan, state, kh, csum)
         counts = torch.tensor([e.count for e in plan.entries], dtype=dt, device=q.device)
         pool_p = pool_key_sum / counts[:, None]
         o = _aggregate(opts, plan, qh, uh, r, p_on, pool_states, pool_p)
@@ -106,7 +107,7 @@ def memory_caching(
     if not output_final_state:
         return o, None
     if opts.aggregation == "none":
-        pool_key_sum, seg_sums = _key_sums(plan, state, kh)
+        pool_key_sum, seg_sums = _key_sums(plan, state, kh, _prefix_sums(kh))
     return o, _final_state(opts, plan, state, final_online, pool_states, pool_key_sum, seg_sums)
 
 
@@ -157,10 +158,14 @@ def _segment_of_tokens(plan: Plan, T: int, device) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(plan.n_segments, device=device), lengths, output_size=T)
 
 
-def _key_sums(plan: Plan, state: MCState, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefix_sums(k: torch.Tensor) -> torch.Tensor:
+    """`[B, H, T + 1, K]` float64 prefix sums of the keys: a difference of two long float32 prefix sums would
+    lose the keys of a short segment late in a long sequence."""
+    return torch.nn.functional.pad(k.to(torch.float64).cumsum(2), (0, 0, 1, 0))
+
+
+def _key_sums(plan: Plan, state: MCState, k: torch.Tensor, csum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Key sums of every pool entry `[B, H, P, K]` and of every local segment `[B, H, n_seg, K]`."""
-    # float64 prefix sums: a difference of two long float32 prefix sums would lose the segment's keys
-    csum = torch.nn.functional.pad(k.to(torch.float64).cumsum(2), (0, 0, 1, 0))
     starts = torch.tensor(plan.seg_start, device=k.device)
     ends = torch.tensor(plan.seg_end, device=k.device)
     seg_sums = (csum[:, :, ends] - csum[:, :, starts]).to(k.dtype)
@@ -174,11 +179,10 @@ def _key_sums(plan: Plan, state: MCState, k: torch.Tensor) -> tuple[torch.Tensor
     return torch.einsum("pa,bhak->bhpk", mix, basis), seg_sums
 
 
-def _online_summary(plan: Plan, state: MCState, k: torch.Tensor) -> torch.Tensor:
+def _online_summary(plan: Plan, state: MCState, k: torch.Tensor, csum: torch.Tensor) -> torch.Tensor:
     """`p_s(t)`: running mean of the keys of the token's segment up to and including it, `[B, H, T, K]`."""
     B, H, T, K = k.shape
     seg = _segment_of_tokens(plan, T, k.device)
-    csum = torch.nn.functional.pad(k.to(torch.float64).cumsum(2), (0, 0, 1, 0))
     starts = torch.tensor(plan.seg_start, device=k.device)[seg]
     total = csum[:, :, 1:] - csum[:, :, starts]
     count = torch.arange(1, T + 1, device=k.device) - starts
@@ -218,13 +222,14 @@ def _aggregate(opts, plan, q, u, r, p_on, pool_states, pool_p) -> torch.Tensor:
     grad = torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, u, r, p_on, pool_p, *pool_states.values())
     )
+    # Linear reads through `weighted_matmul` store only [t, n] weights per block: no recomputation needed.
+    # Other reads (SSC's grouped reads, deep memories) are recomputed in the backward pass.
+    recompute = grad and not (opts.memory.linear_read and opts.aggregation != "ssc")
     blocks = _blocks(plan)
     sizes = [t1 - t0 for t0, t1, _, _ in blocks]
-    # split/unbind once: per-block slices of autograd tensors would each zero-fill a full-size gradient
+    # split once: per-block slices of autograd tensors would each zero-fill a full-size gradient
     pieces = [x.split(sizes, dim=2) for x in (q, u, r, p_on)]
     names = tuple(pool_states)
-    entries = [x.unbind(2) for x in pool_states.values()]
-    entry_p = pool_p.unbind(2)
     outs = []
     for b, (t0, t1, sa, sb) in enumerate(blocks):
         q_b, u_b, r_b, p_on_b = (x[b] for x in pieces)
@@ -232,26 +237,27 @@ def _aggregate(opts, plan, q, u, r, p_on, pool_states, pool_p) -> torch.Tensor:
         if not union:  # nothing cached yet: every aggregation reduces to the online read
             outs.append(r_b)
             continue
-        idx = torch.tensor(union, device=dev)
+        if union == list(range(union[0], union[-1] + 1)):
+            index = slice(union[0], union[-1] + 1)  # a view of the pool, no copy
+        else:
+            index = torch.tensor(union, device=dev)
         s = seg[t0:t1, None]
-        visible = (lo[idx][None] <= s) & (s < hi[idx][None])  # [t, n]
-        fn = _AggregateBlock(opts, names, len(union))
-        args = (q_b, u_b, r_b, p_on_b, visible, *(entry_p[i] for i in union),
-                *(x[i] for x in entries for i in union))
-        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+        visible = (lo[index][None] <= s) & (s < hi[index][None])  # [t, n]
+        fn = _AggregateBlock(opts, names)
+        args = (q_b, u_b, r_b, p_on_b, visible, pool_p[:, :, index], *(x[:, :, index] for x in pool_states.values()))
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
     return torch.cat(outs, dim=2)
 
 
 class _AggregateBlock:
-    """The output of one block of tokens from its online reads and its `n` visible caches (SPEC §2.3)."""
+    """The output of one block of tokens from its online reads and its visible caches (SPEC §2.3)."""
 
-    def __init__(self, opts: MCOptions, names: tuple[str, ...], n: int):
-        self.opts, self.names, self.n = opts, names, n
+    def __init__(self, opts: MCOptions, names: tuple[str, ...]):
+        self.opts, self.names = opts, names
 
-    def __call__(self, q, u, r, p_on, visible, *flat):
-        opts, mem, n = self.opts, self.opts.memory, self.n
-        p = torch.stack(flat[:n], dim=2)  # [B, H, n, K]
-        cache = {name: torch.stack(flat[n * (i + 1): n * (i + 2)], dim=2) for i, name in enumerate(self.names)}
+    def __call__(self, q, u, r, p_on, visible, p, *cache_values):
+        opts, mem = self.opts, self.opts.memory
+        cache = dict(zip(self.names, cache_values))
         agg = opts.aggregation
         if agg in ("residual", "mean"):
             w = visible.to(q.dtype).expand(*q.shape[:2], *visible.shape)
@@ -262,7 +268,7 @@ class _AggregateBlock:
         z = (u @ p.transpose(-1, -2)) * opts.score_scale  # [B, H, t, n]
         z = z.masked_fill(~visible, float("-inf"))
         z_on = (u * p_on).sum(-1, keepdim=True) * opts.score_scale
-        if agg == "ssc" and opts.top_k < n:
+        if agg == "ssc" and opts.top_k < z.shape[-1]:
             z, pick = z.topk(opts.top_k, dim=-1)
             gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
             reads = _grouped_reads(mem, cache, q, pick, opts.scale)  # [B, H, t, top_k, V]
