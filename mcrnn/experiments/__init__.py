@@ -1,0 +1,1 @@
+"""Experiments built on the trainer; `demo` is the recall demo of `make demo`."""
