@@ -5,10 +5,10 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import assert_close, grads, make_inputs, slice_gates
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_close, grads, make_inputs, slice_gates
 from mcrnn.ops import (
     AGGREGATIONS,
     chunk_linear,
@@ -336,3 +336,85 @@ def test_continuing_with_other_settings_is_an_error():
         memory_caching(x, x, x, segment_size=8, initial_state=s)
     with pytest.raises(ValueError, match="batch/heads/key dims"):
         memory_caching(x[:, :, :1], x[:, :, :1], x[:, :, :1], segment_size=4, initial_state=s)
+
+
+# --- deep memories under Memory Caching -----------------------------------------------------------------
+
+DEEP_GATES = {"dla": ("lr", "decay"), "titans": ("lr", "momentum", "forget")}
+
+
+def _deep_inputs(memory, T, H=2, K=4, E=8, depth=2, seed=0, weight=0.4):
+    q, k, v, u, gates = make_inputs(2, T, H, K, K, DEEP_GATES[memory], seed=seed, grad=False)
+    # unit keys and small steps keep the inner gradient descent stable (else both paths overflow alike)
+    k = torch.nn.functional.normalize(k, dim=-1)
+    gates["lr"] = gates["lr"] * 0.3
+    q, k, v, u = (x.requires_grad_() for x in (q, k, v, u))
+    gates = {n: x.requires_grad_() for n, x in gates.items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    if depth == 2:
+        params = {"W1": torch.randn(H, K, E, generator=g, dtype=torch.float64) * weight,
+                  "W2": torch.randn(H, E, K, generator=g, dtype=torch.float64) * weight}
+    else:
+        params = {"W": torch.randn(H, K, K, generator=g, dtype=torch.float64) * weight}
+    return q, k, v, u, gates, {n: x.requires_grad_() for n, x in params.items()}
+
+
+@pytest.mark.parametrize("memory", ["dla", "titans"])
+@pytest.mark.parametrize("aggregation", ["grm", "soup", "ssc", "residual"])
+@pytest.mark.parametrize("init, segmentation", [("checkpoint", "constant"), ("independent", "logarithmic")])
+def test_deep_parallel_matches_reference(memory, aggregation, init, segmentation):
+    q, k, v, u, gates, params = _deep_inputs(memory, 29)
+    kw = dict(memory=memory, params=params, gates=gates, mini_batch=2, segment_size=4, segmentation=segmentation,
+              init=init, aggregation=aggregation, top_k=1, output_final_state=True)
+    o1, s1 = naive_memory_caching(q, k, v, u, **kw)
+    o2, s2 = memory_caching(q, k, v, u, **kw)
+    assert_close(o2, o1, TOL, "output")
+    _compare_states(s1, s2)
+    w = torch.randn_like(o1)
+    leaves = [q, k, v, u, *params.values(), *gates.values()]
+    for a, b_ in zip(grads(o2, leaves, w), grads(o1, leaves, w)):
+        assert_close(a, b_, TOL, "gradient")
+
+
+@pytest.mark.parametrize("memory", ["dla", "titans"])
+def test_soup_differs_from_grm_on_deep_memories(memory):
+    q, k, v, u, gates, params = _deep_inputs(memory, 40, weight=0.7)
+    kw = dict(memory=memory, params=params, gates=gates, mini_batch=4, segment_size=8)
+    soup, _ = memory_caching(q, k, v, u, aggregation="soup", **kw)
+    grm, _ = memory_caching(q, k, v, u, aggregation="grm", **kw)
+    assert (soup - grm).abs().max() > 1e-4
+    assert_close(soup[:, :8], grm[:, :8], 1e-12)  # one segment: both are the online memory
+
+
+@pytest.mark.parametrize("memory", ["dla", "titans"])
+def test_soup_equals_grm_for_depth_one(memory):
+    q, k, v, u, gates, params = _deep_inputs(memory, 30, depth=1)
+    kw = dict(memory=memory, params=params, gates=gates, mini_batch=2, segment_size=6)
+    assert_close(memory_caching(q, k, v, u, aggregation="soup", **kw)[0],
+                 memory_caching(q, k, v, u, aggregation="grm", **kw)[0], 1e-12)
+
+
+@pytest.mark.parametrize("memory", ["dla", "titans"])
+@pytest.mark.parametrize("aggregation", ["soup", "ssc"])
+def test_deep_chaining_and_decode(memory, aggregation):
+    T, cut = 23, 9
+    q, k, v, u, gates, params = _deep_inputs(memory, T)
+    kw = dict(memory=memory, params=params, mini_batch=2, segment_size=4, aggregation=aggregation, top_k=1,
+              init="independent", output_final_state=True)
+    with torch.no_grad():
+        o, s = memory_caching(q, k, v, u, gates=gates, **kw)
+        oa, sa = memory_caching(q[:, :cut], k[:, :cut], v[:, :cut], u[:, :cut], gates=slice_gates(gates, 0, cut),
+                                **kw)
+        outs, state = [oa], sa
+        for t in range(cut, T):
+            o_t, state = memory_caching(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], u[:, t:t + 1],
+                                        gates=slice_gates(gates, t, t + 1), initial_state=state, **kw)
+            outs.append(o_t)
+    assert_close(torch.cat(outs, 1), o, 1e-12)
+    _compare_states(s, state, 1e-12)
+
+
+def test_segment_size_must_be_a_multiple_of_the_mini_batch():
+    q, k, v, u, gates, params = _deep_inputs("titans", 10)
+    with pytest.raises(ValueError, match="multiple of `mini_batch`"):
+        memory_caching(q, k, v, u, memory="titans", params=params, gates=gates, mini_batch=4, segment_size=6)

@@ -1,7 +1,6 @@
 """mcrnn ops: recurrent memories and Memory Caching over them (torch only; nothing heavy at import)."""
 
 from mcrnn.ops.linear import chunk_linear, naive_linear
-from mcrnn.ops.memories import MEMORIES, Memory, get_memory, register_memory
 from mcrnn.ops.mc import (
     AGGREGATIONS,
     INITS,
@@ -12,6 +11,7 @@ from mcrnn.ops.mc import (
     memory_caching_step,
     naive_memory_caching,
 )
+from mcrnn.ops.memories import MEMORIES, Memory, get_memory, register_memory
 from mcrnn.ops.swla import chunk_swla, naive_swla
 
 try:  # the deep memories register themselves with MEMORIES on import

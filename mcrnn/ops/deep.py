@@ -327,13 +327,14 @@ def _advance(
 
 def _read_mini_batch(
     X: dict[str, torch.Tensor], f: dict[str, torch.Tensor], x: torch.Tensor, R: torch.Tensor,
-    RKX: torch.Tensor, C: torch.Tensor, xX: torch.Tensor | None,
+    RKX: torch.Tensor, C: torch.Tensor, xX: torch.Tensor | None, mix=None, rows: int | None = None,
 ) -> torch.Tensor:
     """`o_t = f_{W_t}(x_t)` for the `b` tokens of one mini-batch without building `W_t`.
 
     `X` the stacked state entering it (see :func:`_advance`), `x: [B, H, b, K]`, `R: [B, H, b, b]`,
     `RKX = R ⊙ (x kᵀ)`, `C: [B, H, b, m]` the coefficients of the blocks in `W_t`, `xX`: `x` times the stacked
-    first layer transposed when already computed."""
+    first layer transposed when already computed. `mix` (Memory Soup) gets the online hidden `W2_t x_t` of the
+    tokens `rows` and returns the mixed `gelu(h)`, then combines the online `W1_t gelu(h)` with the caches."""
     B, H, b, m = C.shape
 
     def apply(name: str, y: torch.Tensor, RY: torch.Tensor, vecs: torch.Tensor, yX=None) -> torch.Tensor:
@@ -346,14 +347,19 @@ def _read_mini_batch(
 
     if "W" in X:
         return apply("W", x, RKX, f["e"], xX)
-    u = gelu(apply("W2", x, RKX, f["g"], xX))
-    return x + apply("W1", u, R * (u @ f["a"].transpose(-1, -2)), f["e"])
+    h = apply("W2", x, RKX, f["g"], xX)
+    if mix is None:
+        u = gelu(h)
+        return x + apply("W1", u, R * (u @ f["a"].transpose(-1, -2)), f["e"])
+    # Memory Soup: the online W2_t, W1_t are mixed with the cached weights by the caller (`SoupMix`)
+    z = mix.hidden(rows, h)  # `rows`: the mini-batch's index
+    return mix.output(rows, x, z, apply("W1", z, R * (z @ f["a"].transpose(-1, -2)), f["e"]))
 
 
 def deep_scan(
     kind: str, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, gates: dict[str, torch.Tensor], *,
     params: dict[str, torch.Tensor], initial: State, layout: Layout, positions: Sequence[int] = (),
-    scale: float = 1.0,
+    scale: float = 1.0, mix=None,
 ) -> tuple[torch.Tensor | None, State | None, State]:
     """Chunk-parallel deep memory over `T` tokens (heads-first, compute dtype).
 
@@ -430,6 +436,8 @@ def deep_scan(
     X = stacked({nm: initial[nm] for nm in wk}, {nm: initial[MOMENTUM[nm]] for nm in wk} if titans else None)
     Wmb, mb_is_in = {nm: initial[nm + "_mb"] for nm in wk}, False
     outs, snap_list = [], [None] * len(positions)
+    if mix is not None:
+        mix.prepare(layout.idx)
     for i in range(n):
         if layout.reset[i]:
             X, mb_is_in = X0, True
@@ -444,7 +452,8 @@ def deep_scan(
             kW, xX = kxX[..., :b, : rows[first]], kxX[..., b:, :]
         f = grad_factors(kind, Wmb, k_i[i], v_i[i], kW)
         if q is not None:
-            outs.append(_read_mini_batch(X, f, x_i[i], R_i[i], RKX_i[i], C_i[i], xX))
+            outs.append(_read_mini_batch(X, f, x_i[i], R_i[i], RKX_i[i], C_i[i], xX, mix,
+                                         i))
         for e, r in snap_at.get(i, ()):
             snap_list[e] = _advance(X, f, k_i[i], C[:, :, i, r].unsqueeze(-2), R[:, :, i, r].unsqueeze(-2))
         X = _advance(X, f, k_i[i], A_i[i], L_i[i])
@@ -564,15 +573,20 @@ class _DeepMemory(Memory):
             return x @ states["W"].transpose(-1, -2)
         return x + gelu(x @ states["W2"].transpose(-1, -2)) @ states["W1"].transpose(-1, -2)
 
+    def reads_linearly(self, state: State) -> bool:
+        return "W" in state  # depth 1: f_W(x) = W x
+
     def scan(
-        self, q, k, v, gates, *, initial, segment_starts, resets, positions, offset, scale, params, mini_batch
+        self, q, k, v, gates, *, initial, segment_starts, resets, positions, offset, scale, params, mini_batch,
+        mix=None,
     ):
         T = k.shape[2]
         layout = mini_batch_layout(T, mini_batch, segment_starts, resets, pos0=offset, device=k.device)
         g = fill_gates(self.kind, gates, k[..., 0])
         P = {n: x.to(k.dtype) for n, x in params.items()}
         return deep_scan(
-            self.kind, q, k, v, g, params=P, initial=initial, layout=layout, positions=positions, scale=scale
+            self.kind, q, k, v, g, params=P, initial=initial, layout=layout, positions=positions, scale=scale,
+            mix=mix,
         )
 
 

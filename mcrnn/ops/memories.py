@@ -117,7 +117,8 @@ class Memory:
 
         `segment_starts`: positions where a segment begins; `resets` (a subset) restart the state from `M_0`
         before that token (`independent` MC). `offset`: the position of token 0 inside its segment when 0 is
-        not in `segment_starts` (the call continues a segment; deep memories need it for mini-batch alignment). `positions`: exclusive ends whose readable state is returned.
+        not in `segment_starts` (the call continues a segment; deep memories need it for mini-batch alignment).
+        `positions`: exclusive ends whose readable state is returned.
         Returns `o: [B, H, T, V]` (None when `q` is None), snapshots `[B, H, E, ...]` (readable keys, None
         when `positions` is empty) and the full final state.
         """
@@ -125,6 +126,10 @@ class Memory:
 
     def readable(self, state: State) -> State:
         return {n: state[n] for n in self.readable_keys}
+
+    def reads_linearly(self, state: State) -> bool:
+        """Is `read` linear in this state? Then Memory Soup equals GRM exactly (SPEC §2.3)."""
+        return self.linear_read
 
 
 class LinearMemory(Memory):

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mcrnn.ops.memories import Memory, State
 from mcrnn.ops.mc.plan import Plan, make_plan
 from mcrnn.ops.mc.state import (
     MCOptions,
@@ -23,6 +22,7 @@ from mcrnn.ops.mc.state import (
     initial_mc_state,
     make_options,
 )
+from mcrnn.ops.memories import Memory, State, weighted_matmul
 from mcrnn.ops.utils import check_qkv, compute_dtype, to_heads_first
 
 #: tokens per aggregation block (whole segments are grouped up to this size; longer segments are split)
@@ -93,7 +93,10 @@ def memory_caching(
     gh = {n: to_heads_first(g, dt) for n, g in gates.items()}
 
     need_caches = opts.aggregation != "none" or output_final_state
-    r, final_online, pool_states = _run_memories(opts, plan, state, qh, kh, vh, gh, need_caches)
+    # Memory Soup over a memory whose read is not linear mixes the online weights themselves: a second pass
+    # of the online memory reads with the mix (see `_soup`); the first pass only builds the caches.
+    soup = opts.aggregation == "soup" and not opts.memory.reads_linearly(state.online)
+    r, final_online, pool_states = _run_memories(opts, plan, state, None if soup else qh, kh, vh, gh, need_caches)
     if opts.aggregation == "none":
         o = r
     else:
@@ -102,7 +105,10 @@ def memory_caching(
         p_on = _online_summary(plan, state, kh, csum)
         counts = torch.tensor([e.count for e in plan.entries], dtype=dt, device=q.device)
         pool_p = pool_key_sum / counts[:, None]
-        o = _aggregate(opts, plan, qh, uh, r, p_on, pool_states, pool_p)
+        if soup:
+            o = _soup(opts, plan, state, qh, uh, kh, vh, gh, p_on, pool_states, pool_p)
+        else:
+            o = _aggregate(opts, plan, qh, uh, r, p_on, pool_states, pool_p)
     o = o.transpose(1, 2).to(q.dtype)
     if not output_final_state:
         return o, None
@@ -193,16 +199,17 @@ def _online_summary(plan: Plan, state: MCState, k: torch.Tensor, csum: torch.Ten
     return (total / count[:, None]).to(k.dtype)
 
 
-def _blocks(plan: Plan) -> list[tuple[int, int, int, int]]:
-    """Token blocks `(t0, t1, first segment, last segment)`: whole segments grouped up to BLOCK_TOKENS."""
+def _blocks(plan: Plan, size: int = BLOCK_TOKENS) -> list[tuple[int, int, int, int]]:
+    """Token blocks `(t0, t1, first segment, last segment)`: whole segments grouped up to `size` tokens;
+    longer segments are split every `size` tokens from their start."""
     blocks, cur = [], None
     for j, (s, e) in enumerate(zip(plan.seg_start, plan.seg_end)):
-        if e - s > BLOCK_TOKENS:
+        if e - s > size:
             if cur:
                 blocks.append(cur)
                 cur = None
-            blocks += [(t, min(t + BLOCK_TOKENS, e), j, j) for t in range(s, e, BLOCK_TOKENS)]
-        elif cur is not None and e - cur[0] <= BLOCK_TOKENS:
+            blocks += [(t, min(t + size, e), j, j) for t in range(s, e, size)]
+        elif cur is not None and e - cur[0] <= size:
             cur = (cur[0], e, cur[2], j)
         else:
             if cur:
@@ -273,10 +280,93 @@ class _AggregateBlock:
             gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
             reads = _grouped_reads(mem, cache, q, pick, opts.scale)  # [B, H, t, top_k, V]
             return gamma[..., -1:] * r + (gamma[..., :-1].unsqueeze(-1) * reads).sum(-2)
-        if agg == "soup" and not mem.linear_read:
-            raise NotImplementedError(f"soup over the deep memory {mem.name!r} needs the memory's soup read")
         gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
         return gamma[..., -1:] * r + mem.read_weighted(cache, gamma[..., :-1], q, opts.scale)
+
+
+def _soup(opts, plan, state, q, u, k, v, gates, p_on, pool_states, pool_p) -> torch.Tensor:
+    """Memory Soup over an MLP memory: `y = x + (Σ γ_i W1_i) gelu((Σ γ_i W2_i) x)`, `x = scale · q`.
+
+    The cached part of the mix is a weighted GEMM per block (no per-token weights); the online `W2_t x_t`
+    and `W1_t z_t` come from a second pass of the online memory (`SoupMix` is its hook)."""
+    B, H, T, K = q.shape
+    dev = q.device
+    seg = _segment_of_tokens(plan, T, dev)
+    lo = torch.tensor([e.vis_lo for e in plan.entries], device=dev, dtype=torch.long)
+    hi = torch.tensor([e.vis_hi for e in plan.entries], device=dev, dtype=torch.long)
+    b = opts.mini_batch
+    # blocks never cut a mini-batch: long segments are split at a multiple of the mini-batch size
+    blocks = _blocks(plan, max(b, BLOCK_TOKENS // b * b))
+    sizes = [t1 - t0 for t0, t1, _, _ in blocks]
+    x = q * opts.scale
+    pieces = [y.split(sizes, dim=2) for y in (x, u, p_on)]
+    gamma_on, hidden, per_block = [], [], []
+    for i, (t0, t1, sa, sb) in enumerate(blocks):
+        x_b, u_b, p_on_b = (y[i] for y in pieces)
+        union = [j for j, e in enumerate(plan.entries) if e.vis_lo <= sb and e.vis_hi > sa]
+        if not union:
+            gamma_on.append(x_b.new_ones(B, H, t1 - t0))
+            hidden.append(None)
+            per_block.append(None)
+            continue
+        index = torch.tensor(union, device=dev)
+        s = seg[t0:t1, None]
+        visible = (lo[index][None] <= s) & (s < hi[index][None])
+        z = ((u_b @ pool_p[:, :, index].transpose(-1, -2)) * opts.score_scale).masked_fill(~visible, float("-inf"))
+        z_on = (u_b * p_on_b).sum(-1, keepdim=True) * opts.score_scale
+        gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
+        n = len(union)
+        W1, W2 = pool_states["W1"][:, :, index], pool_states["W2"][:, :, index]  # [B, H, n, V, E], [.., E, K]
+        W2T = W2.transpose(-1, -2).reshape(B, H, n * K, -1)
+        W1T = W1.transpose(-1, -2).reshape(B, H, n * W1.shape[-1], -1)
+        gamma_on.append(gamma[..., n])
+        hidden.append(weighted_matmul(gamma[..., :n], x_b, W2T))  # Σ_{i<s} γ_i W2_i x
+        per_block.append((t0, gamma[..., :n], W1T))
+    E = pool_states["W2"].shape[-2]
+    hidden = [h if h is not None else x.new_zeros(B, H, sz, E) for h, sz in zip(hidden, sizes)]
+    mix = SoupMix(blocks, torch.cat(gamma_on, dim=2), torch.cat(hidden, dim=2), per_block)
+    mem = opts.memory
+    seg_starts = [s for j, s in enumerate(plan.seg_start) if not (j == 0 and plan.continues)]
+    o, _, _ = mem.scan(q, k, v, gates, initial=state.online, resets=plan.runs[0].resets, positions=[],
+                       segment_starts=seg_starts, offset=state.seg_len, scale=opts.scale, params=opts.params,
+                       mini_batch=opts.mini_batch, mix=mix)
+    return o
+
+
+class SoupMix:
+    """The hook a deep memory's scan calls per mini-batch to mix its online weights with the caches.
+
+    `hidden(i, h)`: `h = W2_t x_t` of mini-batch `i`'s tokens `[B, H, b, E]` -> `gelu(γ_s h + Σ γ_i W2_i x)`;
+    `output(i, x, z, w1z)`: `w1z = W1_t z` -> `x + γ_s w1z + Σ γ_i W1_i z`."""
+
+    def __init__(self, blocks, gamma_on, hidden, per_block):
+        self.block_starts = [t0 for t0, _, _, _ in blocks]
+        self.gamma_on, self.hidden_cached, self.per_block = gamma_on, hidden, per_block
+
+    def prepare(self, idx: torch.Tensor) -> None:
+        """`idx: [n_mb, b]` token rows of the mini-batches (padding = T)."""
+        import bisect
+
+        pad = lambda y: torch.cat([y, torch.zeros_like(y[:, :, :1])], dim=2)
+        # gather once and unbind: per-mini-batch indexing would zero-fill a full-size gradient each time
+        self.g_on = pad(self.gamma_on)[:, :, idx].unbind(2)
+        self.h_c = pad(self.hidden_cached)[:, :, idx].unbind(2)
+        self.rows = idx
+        self.block_of = [bisect.bisect_right(self.block_starts, int(t)) - 1 for t in idx[:, 0].tolist()]
+
+    def hidden(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        from mcrnn.ops.deep import gelu
+
+        return gelu(self.g_on[i].unsqueeze(-1) * h + self.h_c[i])
+
+    def output(self, i: int, x: torch.Tensor, z: torch.Tensor, w1z: torch.Tensor) -> torch.Tensor:
+        out = x + self.g_on[i].unsqueeze(-1) * w1z
+        blk = self.per_block[self.block_of[i]]
+        if blk is None:
+            return out
+        t0, gamma, W1T = blk
+        local = (self.rows[i] - t0).clamp(0, gamma.shape[2] - 1)  # padding rows read anything; dropped later
+        return out + weighted_matmul(gamma[:, :, local], z, W1T)
 
 
 def _grouped_reads(mem: Memory, cache: State, q: torch.Tensor, pick: torch.Tensor, scale: float) -> torch.Tensor:

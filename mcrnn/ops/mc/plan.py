@@ -16,7 +16,9 @@ def check_boundaries(boundaries: Sequence[int], T: int) -> list[int]:
     try:
         ends = [int(b) for b in (boundaries.tolist() if hasattr(boundaries, "tolist") else boundaries)]
     except (TypeError, ValueError) as e:
-        raise ValueError(f"`boundaries` must be a 1-D sequence of ints (segment end positions), got {boundaries!r}") from e
+        raise ValueError(
+            f"`boundaries` must be a 1-D sequence of ints (segment end positions), got {boundaries!r}"
+        ) from e
     if any(isinstance(b, (list, tuple)) for b in (boundaries if isinstance(boundaries, (list, tuple)) else [])):
         raise ValueError("`boundaries` must be one 1-D list shared by the batch")
     for a, b in zip(ends, ends[1:]):

@@ -156,7 +156,8 @@ def check_gates(gates: dict | None, memory: Memory, B: int, T: int, H: int) -> d
     unknown = set(gates) - set(memory.gate_names)
     if unknown:
         raise ValueError(
-            f"`gates` has unknown names {sorted(unknown)} for memory {memory.name!r}: it takes {list(memory.gate_names)}"
+            f"`gates` has unknown names {sorted(unknown)} for memory {memory.name!r}: "
+            f"it takes {list(memory.gate_names)}"
         )
     for name, g in gates.items():
         check_gate(name, g, B, T, H)

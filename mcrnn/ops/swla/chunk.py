@@ -114,4 +114,6 @@ def check_swla_state(state: dict | None, B: int, H: int, K: int, V: int) -> None
     check_state(state["S"], B, H, K, V, name="initial_state['S']")
     for name, d in (("k", K), ("v", V)):
         if tuple(state[name].shape) != (B, H, d):
-            raise ValueError(f"`initial_state['{name}']` must have shape [{B}, {H}, {d}], got {tuple(state[name].shape)}")
+            raise ValueError(
+                f"`initial_state['{name}']` must have shape [{B}, {H}, {d}], got {tuple(state[name].shape)}"
+            )

@@ -30,7 +30,8 @@ def naive_swla(
     if initial_state is not None:
         S, k_prev, v_prev = (initial_state[n].to(dt) for n in ("S", "k", "v"))
     else:
-        S, k_prev, v_prev = q.new_zeros(B, H, K, V, dtype=dt), q.new_zeros(B, H, K, dtype=dt), q.new_zeros(B, H, V, dtype=dt)
+        S = q.new_zeros(B, H, K, V, dtype=dt)
+        k_prev, v_prev = q.new_zeros(B, H, K, dtype=dt), q.new_zeros(B, H, V, dtype=dt)
 
     def gate(g: torch.Tensor | None, t: int) -> torch.Tensor | float:
         return g[:, t].to(dt)[..., None, None] if g is not None else 1.0
