@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from helpers import assert_close, make_inputs
 
-from helpers import assert_close, grads, make_inputs
 from mcrnn.ops import chunk_linear, chunk_swla, naive_linear, naive_swla
 
 LENGTHS = [1, 7, 63, 100, 257]
@@ -143,7 +143,7 @@ def test_matches_fla_naive_if_installed():
     fla_naive = pytest.importorskip("fla.ops.linear_attn.naive")
     q, k, v, _, _ = make_inputs(2, 33, 2, 8, 8, grad=False, with_u=False)
     ours, _ = naive_linear(q.float(), k.float(), v.float())
-    fn = getattr(fla_naive, "naive_chunk_linear_attn", None) or getattr(fla_naive, "naive_recurrent_linear_attn")
+    fn = getattr(fla_naive, "naive_chunk_linear_attn", None) or fla_naive.naive_recurrent_linear_attn
     theirs = fn(q.float(), k.float(), v.float(), scale=8**-0.5)
     theirs = theirs[0] if isinstance(theirs, tuple) else theirs
     assert_close(ours, theirs, 1e-4)
