@@ -418,3 +418,12 @@ def test_segment_size_must_be_a_multiple_of_the_mini_batch():
     q, k, v, u, gates, params = _deep_inputs("titans", 10)
     with pytest.raises(ValueError, match="multiple of `mini_batch`"):
         memory_caching(q, k, v, u, memory="titans", params=params, gates=gates, mini_batch=4, segment_size=6)
+
+
+@pytest.mark.parametrize("ratio", [0, 1000])
+def test_ssc_grouped_and_dense_reads_agree_with_reference(monkeypatch, ratio):
+    """SSC reads the selected caches through tiles (many caches) or densely (few): both match the loop."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("mcrnn.ops.mc.chunk"), "DENSE_SSC_RATIO", ratio)
+    _check_parallel_vs_naive(90, "linear", "ssc", "independent", "constant", 3, top_k=2)

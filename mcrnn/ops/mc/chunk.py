@@ -30,6 +30,8 @@ from mcrnn.ops.utils import check_qkv, compute_dtype, to_heads_first
 BLOCK_TOKENS = 256
 #: queries per tile in the grouped reads of `ssc`
 TILE = 32
+#: `ssc` reads every visible cache densely (then keeps the top k) while there are at most this many per slot
+DENSE_SSC_RATIO = 4
 
 
 def memory_caching(
@@ -285,7 +287,13 @@ class _AggregateBlock:
         if agg == "ssc" and opts.top_k < z.shape[-1]:
             z, pick = z.topk(opts.top_k, dim=-1)
             gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
-            reads = _grouped_reads(mem, cache, q, pick, opts.scale)  # [B, H, t, top_k, V]
+            if z.shape[-1] <= DENSE_SSC_RATIO * opts.top_k:
+                # few caches: reading them all and keeping the selected reads costs less than routing the
+                # pairs into tiles; the output is the same (only the selected reads enter it)
+                dense = mem.read_dense(cache, q, opts.scale)  # [B, H, t, n, V]
+                reads = dense.gather(3, pick.unsqueeze(-1).expand(*pick.shape, dense.shape[-1]))
+            else:
+                reads = _grouped_reads(mem, cache, q, pick, opts.scale)  # [B, H, t, top_k, V]
             return gamma[..., -1:] * r + (gamma[..., :-1].unsqueeze(-1) * reads).sum(-2)
         gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
         return gamma[..., -1:] * r + mem.read_weighted(cache, gamma[..., :-1], q, opts.scale)
