@@ -30,8 +30,10 @@ from mcrnn.ops.utils import check_qkv, compute_dtype, to_heads_first
 BLOCK_TOKENS = 256
 #: queries per tile in the grouped reads of `ssc`
 TILE = 32
-#: `ssc` reads every visible cache densely (then keeps the top k) while there are at most this many per slot
+#: `ssc` reads every visible cache densely (unselected ones weighted 0) while there are at most this many
+#: per selected slot, or while a state has at most DENSE_SSC_STATE numbers (then routing costs more)
 DENSE_SSC_RATIO = 4
+DENSE_SSC_STATE = 256
 
 
 def memory_caching(
@@ -238,9 +240,7 @@ def _aggregate(opts, plan, q, u, r, p_on, pool_states, pool_p) -> torch.Tensor:
     grad = torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, u, r, p_on, pool_p, *pool_states.values())
     )
-    # Linear reads through `weighted_matmul` store only [t, n] weights per block: no recomputation needed.
-    # Other reads (SSC's grouped reads, deep memories) are recomputed in the backward pass.
-    recompute = grad and not (opts.memory.linear_read and opts.aggregation != "ssc")
+    K, V = q.shape[-1], r.shape[-1]
     blocks = _blocks(plan)
     sizes = [t1 - t0 for t0, t1, _, _ in blocks]
     # split once: per-block slices of autograd tensors would each zero-fill a full-size gradient
@@ -259,7 +259,12 @@ def _aggregate(opts, plan, q, u, r, p_on, pool_states, pool_p) -> torch.Tensor:
             index = torch.tensor(union, device=dev)
         s = seg[t0:t1, None]
         visible = (lo[index][None] <= s) & (s < hi[index][None])  # [t, n]
-        fn = _AggregateBlock(opts, names)
+        n = len(union)
+        dense_ssc = opts.aggregation == "ssc" and (n <= DENSE_SSC_RATIO * opts.top_k or K * V <= DENSE_SSC_STATE)
+        # Linear reads through `weighted_matmul` store only [t, n] weights per block: no recomputation needed.
+        # Other reads (SSC's grouped reads, deep memories) are recomputed in the backward pass.
+        recompute = grad and not (opts.memory.linear_read and (opts.aggregation != "ssc" or dense_ssc))
+        fn = _AggregateBlock(opts, names, dense_ssc)
         args = (q_b, u_b, r_b, p_on_b, visible, pool_p[:, :, index], *(x[:, :, index] for x in pool_states.values()))
         outs.append(checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
     return torch.cat(outs, dim=2)
@@ -268,8 +273,8 @@ def _aggregate(opts, plan, q, u, r, p_on, pool_states, pool_p) -> torch.Tensor:
 class _AggregateBlock:
     """The output of one block of tokens from its online reads and its visible caches (SPEC §2.3)."""
 
-    def __init__(self, opts: MCOptions, names: tuple[str, ...]):
-        self.opts, self.names = opts, names
+    def __init__(self, opts: MCOptions, names: tuple[str, ...], dense_ssc: bool = False):
+        self.opts, self.names, self.dense_ssc = opts, names, dense_ssc
 
     def __call__(self, q, u, r, p_on, visible, p, *cache_values):
         opts, mem = self.opts, self.opts.memory
@@ -285,11 +290,15 @@ class _AggregateBlock:
         z = z.masked_fill(~visible, float("-inf"))
         z_on = (u * p_on).sum(-1, keepdim=True) * opts.score_scale
         if agg == "ssc" and opts.top_k < z.shape[-1]:
+            z_all = z
             z, pick = z.topk(opts.top_k, dim=-1)
             gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
-            if z.shape[-1] <= DENSE_SSC_RATIO * opts.top_k:
-                # few caches: reading them all and keeping the selected reads costs less than routing the
-                # pairs into tiles; the output is the same (only the selected reads enter it)
+            if self.dense_ssc:
+                # few caches or tiny states: reading them all with the unselected ones weighted 0 costs less
+                # than routing the pairs into tiles; the output is the same (only the selected reads enter it)
+                if mem.linear_read:
+                    w = torch.zeros_like(z_all).scatter(-1, pick, gamma[..., :-1])
+                    return gamma[..., -1:] * r + mem.read_weighted(cache, w, q, opts.scale)
                 dense = mem.read_dense(cache, q, opts.scale)  # [B, H, t, n, V]
                 reads = dense.gather(3, pick.unsqueeze(-1).expand(*pick.shape, dense.shape[-1]))
             else:
