@@ -15,16 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 from mcrnn.ops.mc.naive import memory_caching_step
 from mcrnn.ops.mc.plan import Plan, make_plan
-from mcrnn.ops.mc.state import (
-    MCOptions,
-    MCState,
-    check_gates,
-    check_initial_state,
-    initial_mc_state,
-    make_options,
-)
+from mcrnn.ops.mc.state import MCOptions, MCState, prepare_call
 from mcrnn.ops.memories import Memory, State, weighted_matmul
-from mcrnn.ops.utils import check_qkv, compute_dtype, to_heads_first
+from mcrnn.ops.utils import to_heads_first
 
 #: tokens per aggregation block (whole segments are grouped up to this size; longer segments are split)
 BLOCK_TOKENS = 256
@@ -78,20 +71,12 @@ def memory_caching(
     Returns:
         `o: [B, T, H, V]` in q's dtype and, if `output_final_state`, the :class:`MCState` after the last token.
     """
-    B, T, H, K, V = check_qkv(q, k, v)
-    if u is not None and (not isinstance(u, torch.Tensor) or tuple(u.shape) != (B, T, H, K)):
-        raise ValueError(f"`u` must have the shape of `q` {tuple(q.shape)}, got {getattr(u, 'shape', u)}")
-    opts = make_options(
-        memory=memory, aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init,
-        top_k=top_k, scale=scale, score_scale=score_scale, params=params, mini_batch=mini_batch,
-        boundaries=boundaries, K=K, V=V, H=H,
+    opts, gates, state, dt = prepare_call(
+        q, k, v, u, gates, initial_state, boundaries, memory=memory, aggregation=aggregation,
+        segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k, scale=scale,
+        score_scale=score_scale, params=params, mini_batch=mini_batch,
     )
-    gates = check_gates(gates, opts.memory, B, T, H)
-    dt = compute_dtype(q)
-    if initial_state is None:
-        state = initial_mc_state(opts, B, H, K, V, q.new_zeros((), dtype=dt))
-    else:
-        state = check_initial_state(initial_state, opts, B, H, K, dt)
+    T = q.shape[1]
     plan = make_plan(T, opts, state, boundaries)
     qh, kh, vh = (to_heads_first(x, dt) for x in (q, k, v))
     uh = to_heads_first(u, dt) if u is not None else qh

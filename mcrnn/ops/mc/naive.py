@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
-from mcrnn.ops.mc.state import (
-    MCOptions,
-    MCState,
-    check_gates,
-    check_initial_state,
-    initial_mc_state,
-    make_options,
-    trailing_zeros,
-)
-from mcrnn.ops.utils import check_qkv, compute_dtype
+from mcrnn.ops.mc.state import MCOptions, MCState, prepare_call, trailing_zeros
 
 __all__ = ["naive_memory_caching", "memory_caching_step"]
 
@@ -111,8 +103,6 @@ def memory_caching_step(
     overrides the segmentation's rule (explicit boundaries); None means: a segment ends every
     `segment_size` tokens. Returns `o: [B, H, V]` and the new state (the input state is not modified).
     """
-    import dataclasses
-
     mem = opts.memory
     st = dataclasses.replace(state, cache_count=list(state.cache_count), cache_level=list(state.cache_level),
                              levels=list(state.levels))
@@ -158,21 +148,13 @@ def naive_memory_caching(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, MCState | None]:
     """Memory Caching one token at a time (the reference). Same contract as :func:`memory_caching`."""
-    B, T, H, K, V = check_qkv(q, k, v)
-    if u is not None and tuple(u.shape) != (B, T, H, K):
-        raise ValueError(f"`u` must have the shape of `q` {tuple(q.shape)}, got {tuple(u.shape)}")
-    opts = make_options(
-        memory=memory, aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init,
-        top_k=top_k, scale=scale, score_scale=score_scale, params=params, mini_batch=mini_batch,
-        boundaries=boundaries, K=K, V=V, H=H,
+    opts, gates, state, dt = prepare_call(
+        q, k, v, u, gates, initial_state, boundaries, memory=memory, aggregation=aggregation,
+        segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k, scale=scale,
+        score_scale=score_scale, params=params, mini_batch=mini_batch,
     )
-    gates = check_gates(gates, opts.memory, B, T, H)
+    T = q.shape[1]
     ends = _boundary_set(boundaries, T) if segmentation == "boundaries" else None
-    dt = compute_dtype(q)
-    if initial_state is None:
-        state = initial_mc_state(opts, B, H, K, V, q.new_zeros((), dtype=dt))
-    else:
-        state = check_initial_state(initial_state, opts, B, H, K, dt)
     outs = []
     for t in range(T):
         o_t, state = memory_caching_step(

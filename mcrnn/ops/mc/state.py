@@ -199,3 +199,25 @@ def zero_state_like(state: State) -> State:
 
 def trailing_zeros(n: int) -> int:
     return (n & -n).bit_length() - 1
+
+
+def prepare_call(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor | None, gates: dict | None,
+    initial_state: MCState | None, boundaries: Sequence[int] | None, **settings,
+) -> tuple[MCOptions, dict[str, torch.Tensor], MCState, torch.dtype]:
+    """The checks and set-up shared by every Memory Caching entry point: validated options, gates, the
+    state to start from (fresh or continued, in the compute dtype) and the compute dtype."""
+    from mcrnn.ops.utils import check_qkv, compute_dtype
+
+    B, T, H, K, V = check_qkv(q, k, v)
+    if u is not None and (not isinstance(u, torch.Tensor) or tuple(u.shape) != (B, T, H, K)):
+        raise ValueError(f"`u` must have the shape of `q` {tuple(q.shape)}, got {getattr(u, 'shape', u)}")
+    opts = make_options(**settings, boundaries=boundaries, K=K, V=V, H=H)
+    gates = check_gates(gates, opts.memory, B, T, H)
+    dt = compute_dtype(q)
+    if initial_state is None:
+        state = initial_mc_state(opts, B, H, K, V, q.new_zeros((), dtype=dt))
+    else:
+        state = check_initial_state(initial_state, opts, B, H, K, dt)
+    return opts, gates, state, dt
+
