@@ -2,6 +2,9 @@
 
     mcrnn train CONFIG.yaml [--resume [CKPT]] [--stop-at STEP] [--section.key=value ...]
     mcrnn demo [--quick] [--out DIR]
+    mcrnn eval TASK CONFIG.yaml [--quick] [--out DIR] [--jobs N] [--threads N] [--only V1,V2] [--base.section.key=value]
+    mcrnn eval all [--quick] [--jobs N] [--threads N]      # every configs/eval/*.yaml (the full sweep)
+    mcrnn report [RESULTS_DIR ...] [--out docs/results.md]
     torchrun --nproc_per_node N -m mcrnn train CONFIG.yaml ...   # DDP
 """
 
@@ -43,9 +46,21 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _eval(argv: list[str]) -> int:
+    from mcrnn.eval.cli import main as eval_main
+
+    return eval_main(argv)
+
+
+def _report(argv: list[str]) -> int:
+    from mcrnn.eval.report import main as report_main
+
+    return report_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"train": _train, "demo": None}
+    commands = {"train": _train, "demo": None, "eval": _eval, "report": _report}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -53,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         from mcrnn.experiments.demo import main as demo_main
 
         return demo_main(argv[1:])
-    return _train(argv[1:])
+    return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

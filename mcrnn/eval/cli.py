@@ -1,0 +1,128 @@
+"""``mcrnn eval``: run one experiment file, or the whole sweep behind docs/results.md.
+
+    mcrnn eval TASK CONFIG.yaml [--quick] [--out DIR] [--jobs N] [--threads N] [--only V1,V2] [--retrain]
+                                [--dotted.path=value ...]
+    mcrnn eval all [--quick] [--jobs N] [--threads N] [--root results/eval]
+
+``--dotted.path=value`` overrides any entry of the experiment file, read as YAML
+(``--base.train.steps=500``, ``--eval.num_examples=64``, ``--seeds=[0]``). On a GPU, the same files run with
+a bigger model and data: ``--base.model.hidden_size=512 --base.data.seq_len=2048 --base.train.device=cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+#: the full sweep, in order: (task, experiment file); `mcrnn report` reads what it writes
+SWEEP = [
+    ("mqar", "configs/eval/mqar.yaml"),
+    ("mqar", "configs/eval/mqar_deep.yaml"),
+    ("mqar", "configs/eval/mqar_width.yaml"),
+    ("mqar", "configs/eval/ablations.yaml"),
+    ("niah", "configs/eval/niah.yaml"),
+    ("lm", "configs/eval/lm.yaml"),
+    ("throughput", "configs/eval/throughput.yaml"),
+]
+
+
+def parse_dotted(args: list[str]) -> dict:
+    """``["--base.train.steps=5", "--seeds", "[0]"]`` -> ``{"base": {"train": {"steps": 5}}, "seeds": [0]}``."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise ValueError(f"override {arg!r}: expected --dotted.path=value")
+        if "=" in arg:
+            path, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"override {arg!r}: missing value")
+            path, text = arg[2:], args[i + 1]
+            i += 2
+        keys = path.split(".")
+        if not all(keys):
+            raise ValueError(f"override {arg!r}: empty key in {path!r}")
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {arg!r}: {k!r} is set twice")
+        node[keys[-1]] = yaml.safe_load(text) if text != "" else ""
+    return out
+
+
+def repo_path(rel: str) -> Path:
+    """An experiment file of the sweep: relative to the working directory, else to the source checkout."""
+    p = Path(rel)
+    if p.exists():
+        return p
+    alt = Path(__file__).resolve().parents[2] / rel
+    return alt if alt.exists() else p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mcrnn.eval import TASKS, run_task
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="mcrnn eval", description="Run an evaluation task or the full sweep.",
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("task", help=f"one of {', '.join(TASKS)}, or 'all' for the sweep")
+    p.add_argument("config", nargs="?", help="experiment file (configs/eval/*.yaml); not with 'all'")
+    p.add_argument("--quick", action="store_true", help="apply the file's `quick` section (a smoke run)")
+    p.add_argument("--out", default=None, help="output directory (default results/eval/<stem>/<full|quick>)")
+    p.add_argument("--root", default="results/eval", help="with 'all': where each experiment writes")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (worker processes)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per job")
+    p.add_argument("--only", default=None, help="comma-separated variants to run")
+    p.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
+    args, rest = p.parse_known_args(argv)
+    try:
+        overrides = parse_dotted(rest)
+    except ValueError as e:
+        print(f"mcrnn eval: {e}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print("mcrnn eval: --jobs must be >= 1", file=sys.stderr)
+        return 2
+    only = args.only.split(",") if args.only else None
+    if args.task == "all":
+        if args.config is not None:
+            print("mcrnn eval all: takes no CONFIG (it runs every file of the sweep)", file=sys.stderr)
+            return 2
+        t0 = time.perf_counter()
+        for task, rel in SWEEP:
+            cfg = repo_path(rel)
+            out = Path(args.root) / cfg.stem / ("quick" if args.quick else "full")
+            t1 = time.perf_counter()
+            print(f"=== {task}: {rel} -> {out}", flush=True)
+            run_task(task, cfg, out=out, quick=args.quick, jobs=args.jobs, threads=args.threads,
+                     overrides=overrides or None, retrain=args.retrain)
+            print(f"=== {rel}: {time.perf_counter() - t1:.0f} s", flush=True)
+        print(f"sweep done in {time.perf_counter() - t0:.0f} s; build the report with `mcrnn report "
+              f"{args.root}`", flush=True)
+        return 0
+    if args.task not in TASKS:
+        print(f"mcrnn eval: unknown task {args.task!r} (choose one of {', '.join(TASKS)} or all)", file=sys.stderr)
+        return 2
+    if args.config is None:
+        print("mcrnn eval: CONFIG.yaml is required (see configs/eval/)", file=sys.stderr)
+        return 2
+    try:
+        res = run_task(args.task, args.config, out=args.out, quick=args.quick, jobs=args.jobs,
+                       threads=args.threads, overrides=overrides or None, only=only, retrain=args.retrain)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mcrnn eval: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(res.get('runs', []))} runs in {res.get('wall_seconds', 0):.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The experiment runner shared by the evaluation tasks: train (or reuse) every variant x seed, evaluate, write JSON.
+
+An *experiment file* (``configs/eval/*.yaml``) is a training config plus what to vary and what to measure::
+
+    task: mqar                 # the task module that evaluates the runs (checked against the CLI's TASK)
+    base:                      # a training config, exactly as for `mcrnn train` (sections model/data/train)
+      model: {...}
+      data: {...}
+      train: {...}
+    variants:                  # run name -> overrides of `base` (section by section, as --section.key=value)
+      attention: {model: {mixer: attention}}
+      grm: {model: {aggregation: grm}}
+    seeds: [0, 1, 2]           # every variant is trained once per seed (train.seed)
+    eval: {...}                # the task's own evaluation settings
+    quick: {...}               # overrides of this whole file applied by --quick (same layout, merged deeply)
+
+Run ``r`` of variant ``v`` and seed ``s`` trains into ``OUT/runs/v/seed{s}/`` (the trainer's usual files). A
+run whose checkpoint already holds the finished schedule of the same model/data/train sections is reused,
+so an interrupted sweep restarts where it stopped and ``--eval-only`` re-measures without retraining.
+Each finished run's record (params, training time, the task's rows) is written to ``OUT/runs/v/seed{s}/
+eval.json`` and all of them to ``OUT/results.json`` together with the command, the experiment file, the git
+commit, the machine and the wall time: every number a report quotes can be traced to what produced it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mcrnn.train.config import Config, validate
+
+RESULTS_NAME = "results.json"
+_TOP_KEYS = {"task", "base", "variants", "seeds", "eval", "quick", "description"}
+
+
+def deep_merge(base: Any, over: Any) -> Any:
+    """``over`` merged into ``base`` recursively (mappings merge, anything else replaces); a new object."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = copy.deepcopy(base)
+        for k, v in over.items():
+            out[k] = deep_merge(out[k], v) if k in out else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(over)
+
+
+@dataclass
+class Experiment:
+    """A parsed experiment file (see the module docstring)."""
+
+    task: str
+    base: dict
+    variants: dict[str, dict]
+    seeds: list[int]
+    eval: dict
+    path: str | None = None
+    description: str = ""
+    quick: bool = False
+    raw: dict = field(default_factory=dict)
+
+    def run_config(self, variant: str, seed: int, out: str | Path) -> Config:
+        """The checked training config of one run (``train.seed`` = seed, ``train.out_dir`` under ``out``)."""
+        raw = deep_merge(self.base, self.variants[variant])
+        raw = deep_merge(raw, {"train": {"seed": seed, "out_dir": str(run_dir(out, variant, seed)),
+                                         "progress": False}})
+        try:
+            return validate(raw)
+        except ValueError as e:
+            raise ValueError(f"variants.{variant}: {e}") from e
+
+    def runs(self) -> list[tuple[str, int]]:
+        return [(v, s) for v in self.variants for s in self.seeds]
+
+
+def run_dir(out: str | Path, variant: str, seed: int) -> Path:
+    return Path(out) / "runs" / variant / f"seed{seed}"
+
+
+def load_experiment(path: str | Path, task: str | None = None, quick: bool = False,
+                    overrides: dict | None = None, only: list[str] | None = None) -> Experiment:
+    """Read and check an experiment file; ``quick`` applies its ``quick`` section, ``overrides`` (a nested
+    dict, e.g. ``{"base": {"train": {"steps": 10}}}``) come last; ``only`` keeps those variants."""
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping with keys task/base/variants/seeds/eval")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+    if quick and raw.get("quick"):
+        raw = deep_merge({k: v for k, v in raw.items() if k != "quick"}, raw["quick"])
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    if task is not None and raw.get("task") != task:
+        raise ValueError(f"{path}: task is {raw.get('task')!r}, not {task!r}; pass the matching TASK or file")
+    variants = raw.get("variants") or {"default": {}}
+    if not isinstance(variants, dict):
+        raise ValueError(f"{path}: variants must map run names to overrides")
+    variants = {str(k): (v or {}) for k, v in variants.items()}
+    if only:
+        missing = [v for v in only if v not in variants]
+        if missing:
+            raise ValueError(f"--only: unknown variant {missing[0]!r} (known: {', '.join(variants)})")
+        variants = {k: v for k, v in variants.items() if k in only}
+    seeds = raw.get("seeds", [0])
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ValueError(f"{path}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    exp = Experiment(task=raw.get("task", task or ""), base=raw.get("base") or {}, variants=variants,
+                     seeds=list(seeds), eval=raw.get("eval") or {}, path=str(path),
+                     description=raw.get("description", ""), quick=quick, raw=raw)
+    for v in exp.variants:  # fail in milliseconds on a bad variant, not after the first run trains
+        exp.run_config(v, exp.seeds[0], "/nonexistent")
+    return exp
+
+
+def _finished(cfg: Config) -> bool:
+    """Whether ``cfg.train.out_dir`` holds a checkpoint at the end of the same schedule."""
+    path = Path(cfg.train.out_dir) / "ckpt.pt"
+    if not path.exists():
+        return False
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    want = cfg.to_dict()
+    have = ckpt["config"]
+    same = all(have[s] == want[s] for s in ("model", "data")) and all(
+        have["train"].get(k) == v for k, v in want["train"].items() if k not in ("out_dir", "progress", "threads"))
+    return same and ckpt["step"] >= cfg.train.steps
+
+
+def load_model(run: str | Path, device: str | torch.device = "cpu"):
+    """The model of a trained run directory (``ckpt.pt``), in eval mode, and its :class:`Config`."""
+    from mcrnn.train.trainer import build_model, load_checkpoint
+
+    ckpt = load_checkpoint(Path(run) / "ckpt.pt")
+    cfg = validate(ckpt["config"])
+    vocab = cfg.model.get("vocab_size") or _data_vocab(cfg)
+    model = build_model(cfg.model, vocab)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), cfg
+
+
+def _data_vocab(cfg: Config) -> int:
+    from mcrnn.train.data import make_batches
+
+    return make_batches(cfg.data, cfg.train.seed).vocab_size
+
+
+def train_or_load(cfg: Config, retrain: bool = False) -> tuple[torch.nn.Module, dict]:
+    """Train ``cfg`` unless its out_dir already holds the finished run; returns ``(model, info)`` with
+    ``info = {"params", "train_seconds", "reused"}``."""
+    from mcrnn.train import train
+    from mcrnn.train.trainer import load_checkpoint
+
+    reused = not retrain and _finished(cfg)
+    if not reused:
+        train(cfg)
+    model, _ = load_model(cfg.train.out_dir)
+    ckpt = load_checkpoint(Path(cfg.train.out_dir) / "ckpt.pt")
+    info = {"params": sum(p.numel() for p in model.parameters()),
+            "train_seconds": float(ckpt.get("train_seconds", 0.0)), "reused": reused}
+    return model, info
+
+
+def state_floats(model_cfg: dict, seq_len: int) -> int:
+    """Floats a model keeps to process the next token after ``seq_len`` tokens, summed over layers and heads
+    (one sequence): the KV cache for attention; for a recurrent memory its state, plus with Memory Caching
+    every cached state (and their key sums), excluding the short convolutions' few-token windows."""
+    from mcrnn.models import MCConfig
+
+    c = MCConfig(**{k: v for k, v in model_cfg.items()})
+    mixers = c.mixer if isinstance(c.mixer, list) else [c.mixer] * c.num_hidden_layers
+    H, K = c.num_heads, c.head_dim
+    V = int(K * c.expand_v)
+    total = 0
+    for mixer in mixers:
+        if mixer == "attention":
+            total += 2 * seq_len * H * K
+            continue
+        deep = c.memory in ("dla", "titans")
+        if deep:
+            per = V * K if c.memory_depth == 1 else V * c.expansion * K + c.expansion * K * K
+            if c.memory == "titans":
+                per *= 2  # the momentum
+        else:
+            per = K * V
+        caches = 0
+        if c.aggregation != "none" and seq_len > c.segment_size:
+            if c.segmentation == "logarithmic":
+                units = seq_len // c.segment_size
+                caches = max(bin(units).count("1"), 1)
+            else:
+                caches = (seq_len - 1) // c.segment_size
+        total += H * (per * (1 + caches) + (K * (1 + caches) if c.aggregation in ("grm", "soup", "ssc") else 0))
+    return total
+
+
+def machine() -> dict:
+    """Where a result was measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": dev, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def command_line() -> str:
+    """The command that is running, as a user would retype it."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("__main__.py", "mcrnn")):
+        argv = ["mcrnn"] + argv[1:]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+Evaluator = Callable[[torch.nn.Module, Config, dict, str], list[dict]]
+
+
+def _one_run(args) -> dict:
+    """One variant x seed: train or reuse, then evaluate (runs in a worker process with ``--jobs``)."""
+    exp, variant, seed, out, evaluate, threads, retrain = args
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = exp.run_config(variant, seed, out)
+    t0 = time.perf_counter()
+    model, info = train_or_load(cfg, retrain=retrain)
+    t1 = time.perf_counter()
+    torch.manual_seed(seed)
+    rows = evaluate(model, cfg, exp.eval, variant)
+    rec = {"variant": variant, "seed": seed, **info, "state_floats": state_floats(cfg.model, cfg.data.seq_len),
+           "model": cfg.model, "train_seq_len": cfg.data.seq_len, "train_steps": cfg.train.steps,
+           "wall_train_s": t1 - t0, "wall_eval_s": time.perf_counter() - t1, "rows": rows}
+    path = Path(cfg.train.out_dir) / "eval.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, path)
+    print(f"[{exp.task}] {variant} seed {seed}: {'reused' if info['reused'] else 'trained'} "
+          f"({info['train_seconds']:.0f} s), evaluated in {rec['wall_eval_s']:.0f} s", flush=True)
+    return rec
+
+
+def run_experiment(exp: Experiment, evaluate: Evaluator, out: str | Path, jobs: int = 1,
+                   threads: int | None = None, retrain: bool = False) -> dict:
+    """Train/reuse and evaluate every run of ``exp``; write and return ``OUT/results.json``.
+
+    ``jobs > 1`` runs that many runs at once in worker processes (each with ``threads`` torch threads):
+    on a CPU, small models use cores better as parallel jobs than as threads of one job. ``evaluate`` must
+    be a module-level function (it is sent to the workers).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    work = [(exp, v, s, str(out), evaluate, threads, retrain) for v, s in exp.runs()]
+    if jobs > 1 and len(work) > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            records = list(pool.map(_one_run, work))
+    else:
+        records = [_one_run(w) for w in work]
+    result = {"task": exp.task, "description": exp.description, "command": command_line(),
+              "experiment": exp.path, "quick": exp.quick, "commit": git_commit(), "machine": machine(),
+              "jobs": jobs, "threads": threads or torch.get_num_threads(),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": time.perf_counter() - t0,
+              "config": exp.raw, "runs": records}
+    write_json(out / RESULTS_NAME, result)
+    return result
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON atomically (a crash never leaves half a results file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    n = len(xs)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = sum(xs) / n
+    if n == 1:
+        return m, 0.0
+    return m, (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5
