@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # torch==2.13.0 is the CPU build on the dev/CI disk; installing it first keeps pip from pulling a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install install-dev test test-all lint demo bench clean
+.PHONY: install install-dev test test-all lint demo bench eval eval-quick report clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,19 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/ops.py
+
+# the evaluation sweep behind docs/results.md (about 2 hours on 2 cores), then the report
+eval: install
+	$(PY) -m mcrnn eval all --jobs 2 --threads 1
+	$(PY) -m mcrnn report
+
+# every task on tiny models (minutes): checks the pipeline, the numbers mean nothing
+eval-quick: install
+	$(PY) -m mcrnn eval all --quick --jobs 2 --threads 1
+	$(PY) -m mcrnn report --quick --out results/eval/quick_report.md
+
+report: install
+	$(PY) -m mcrnn report
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
