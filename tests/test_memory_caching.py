@@ -429,3 +429,121 @@ def test_ssc_grouped_and_dense_reads_agree_with_reference(monkeypatch, ratio):
     monkeypatch.setattr(chunk, "DENSE_SSC_RATIO", ratio)
     monkeypatch.setattr(chunk, "DENSE_SSC_STATE", ratio)
     _check_parallel_vs_naive(90, "linear", "ssc", "independent", "constant", 3, top_k=2)
+
+
+# --- input-only scores: `summary_keys` (the ablation of the paper's context-dependent gates) ------------
+
+def _summary_inputs(T, Ks, B=2, H=2, seed=7):
+    """Random summary keys and score queries `[B, T, H, Ks]` (leaf tensors, float64)."""
+    g = torch.Generator().manual_seed(seed)
+    s, u = (torch.randn(B, T, H, Ks, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    return s, u
+
+
+def _positions(B, T, H, C, t0=0):
+    """The layer's input-only summary keys: absolute position / segment size, `[B, T, H, 1]`."""
+    pos = torch.arange(t0, t0 + T, dtype=torch.float64) / C
+    return pos.view(1, T, 1, 1).expand(B, T, H, 1)
+
+
+@pytest.mark.parametrize("T", [1, 63, 100])
+@pytest.mark.parametrize("aggregation", ["grm", "ssc"])
+@pytest.mark.parametrize("init", ["checkpoint", "independent"])
+@pytest.mark.parametrize("segmentation, C", [("constant", 8), ("logarithmic", 3)])
+def test_summary_keys_parallel_matches_reference(T, aggregation, init, segmentation, C):
+    Ks = 1 if segmentation == "constant" else 3  # the layer's scalar position and a wider summary
+    q, k, v, _, gates = make_inputs(2, T, 2, 4, 5, ("decay",))
+    s, u = _summary_inputs(T, Ks)
+    kw = dict(gates=gates, segment_size=C, segmentation=segmentation, init=init, aggregation=aggregation,
+              top_k=2, summary_keys=s, output_final_state=True)
+    o1, s1 = naive_memory_caching(q, k, v, u, **kw)
+    o2, s2 = memory_caching(q, k, v, u, **kw)
+    assert_close(o2, o1, TOL, "output")
+    _compare_states(s1, s2)
+    assert s2.key_sum.shape == (2, 2, Ks) and s2.cache_key_sum.shape[-1] == Ks
+    w = torch.randn_like(o1)
+    leaves = [q, k, v, u, s, gates["decay"]]
+    g2, g1 = grads(o2, leaves, w), grads(o1, leaves, w)
+    for a, b, name in zip(g2, g1, ["q", "k", "v", "u", "summary_keys", "decay"]):
+        assert_close(a, b, TOL, f"d{name}")
+    if T > C:  # the scores read the summaries: gradients reach them
+        assert g2[4].abs().max() > 0 and g2[3].abs().max() > 0
+
+
+@pytest.mark.parametrize("aggregation", ["grm", "ssc"])
+@pytest.mark.parametrize("segmentation, C", [("constant", 8), ("logarithmic", 2)])
+def test_summary_keys_chaining_and_decode(aggregation, segmentation, C):
+    """Positions as summary keys (what the layer passes): two calls with the state, and token-by-token decoding
+    from a prefilled state, equal one call."""
+    B, T, H = 2, 45, 2
+    q, k, v, _, gates = make_inputs(B, T, H, 4, 3, ("decay",), grad=False)
+    _, u = _summary_inputs(T, 1, B, H)
+    u = u.detach()
+    s = _positions(B, T, H, C)
+    kw = dict(segment_size=C, segmentation=segmentation, init="independent", aggregation=aggregation, top_k=1,
+              output_final_state=True)
+    o, st_full = memory_caching(q, k, v, u, gates=gates, summary_keys=s, **kw)
+    for cut in (16, 21):  # on and off a segment boundary
+        a = [x[:, :cut] for x in (q, k, v, u)]
+        b = [x[:, cut:] for x in (q, k, v, u)]
+        oa, sa = memory_caching(*a, gates=slice_gates(gates, 0, cut), summary_keys=s[:, :cut], **kw)
+        ob, sb = memory_caching(*b, gates=slice_gates(gates, cut, T), summary_keys=s[:, cut:], initial_state=sa,
+                                **kw)
+        assert_close(torch.cat([oa, ob], 1), o, 1e-12, f"chained output at {cut}")
+        _compare_states(st_full, sb, 1e-12)
+    prefill = 13
+    _, state = memory_caching(*(x[:, :prefill] for x in (q, k, v, u)), gates=slice_gates(gates, 0, prefill),
+                              summary_keys=s[:, :prefill], **kw)
+    opts = make_options(memory="linear", aggregation=aggregation, segmentation=segmentation, segment_size=C,
+                        init="independent", top_k=1, scale=None, score_scale=None, params=None, mini_batch=None,
+                        boundaries=None, K=4, V=3, H=H, Ks=1)
+    step_state = state
+    for t in range(prefill, T):
+        o_t, step_state = memory_caching_step(step_state, q[:, t], k[:, t], v[:, t], u[:, t],
+                                              gates={"decay": gates["decay"][:, t]}, opts=opts,
+                                              summary_keys=s[:, t])
+        assert_close(o_t, o[:, t], 1e-12, f"step token {t}")
+        o_t, state = memory_caching(*(x[:, t:t + 1] for x in (q, k, v, u)), gates=slice_gates(gates, t, t + 1),
+                                    summary_keys=s[:, t:t + 1], initial_state=state, **kw)
+        assert_close(o_t[:, 0], o[:, t], 1e-12, f"one-token call {t}")
+    _compare_states(st_full, state, 1e-12)
+    _compare_states(st_full, step_state, 1e-12)
+
+
+@pytest.mark.parametrize("aggregation", ["grm", "ssc", "residual"])
+def test_summary_keys_none_is_the_keys(aggregation):
+    q, k, v, u, gates = make_inputs(2, 50, 2, 4, 4, ("decay",))
+    kw = dict(gates=gates, segment_size=6, aggregation=aggregation, top_k=2, output_final_state=True)
+    o1, s1 = memory_caching(q, k, v, u, **kw)
+    o2, s2 = memory_caching(q, k, v, u, summary_keys=k, **kw)
+    assert_close(o2, o1, 0, "output")
+    _compare_states(s1, s2, 0)
+    w = torch.randn_like(o1)
+    leaves = [q, k, v, u, gates["decay"]]
+    for a, b in zip(grads(o2, leaves, w), grads(o1, leaves, w)):
+        assert_close(a, b, 1e-14)
+
+
+@pytest.mark.parametrize(
+    "u_dim, s_shape, match",
+    [
+        (4, (2, 10, 3, 2), r"`u` must have shape \[B, T, H, Ks\].*`summary_keys`"),
+        (None, (2, 10, 3, 2), "`u` is required with `summary_keys`"),
+        (2, (2, 9, 3, 2), "`summary_keys` must have shape"),
+        (2, (2, 10, 3), "`summary_keys` must have shape"),
+    ],
+)
+@pytest.mark.parametrize("fn", [memory_caching, naive_memory_caching])
+def test_summary_keys_bad_shapes_name_the_argument(fn, u_dim, s_shape, match):
+    x = torch.randn(2, 10, 3, 4)
+    u = torch.randn(2, 10, 3, u_dim) if u_dim else None
+    with pytest.raises(ValueError, match=match):
+        fn(x, x, x, u, summary_keys=torch.randn(s_shape))
+
+
+def test_summary_keys_of_another_dim_cannot_continue_a_state():
+    x = torch.randn(1, 10, 2, 4)
+    _, s = memory_caching(x, x, x, torch.randn(1, 10, 2, 1), summary_keys=torch.randn(1, 10, 2, 1), segment_size=4,
+                          output_final_state=True)
+    with pytest.raises(ValueError, match="summary keys"):
+        memory_caching(x, x, x, segment_size=4, initial_state=s)

@@ -174,3 +174,60 @@ def test_bfloat16_forward():
     ids = torch.randint(0, V, (2, 10))
     out = model(ids, labels=ids)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+
+
+# --- input-only cache scores (the ablation of context-dependent gates) ----------------------------------
+
+@pytest.mark.parametrize("aggregation, segmentation", [("grm", "constant"), ("ssc", "logarithmic")])
+def test_input_only_cache_scores(tmp_path, aggregation, segmentation):
+    torch.manual_seed(0)
+    cfg = tiny(aggregation=aggregation, segmentation=segmentation, top_k=1, segment_size=3, cache_scores="input",
+               pad_token_id=0)
+    model = MCForCausalLM(cfg)
+    attn = model.model.layers[0].attn
+    assert attn.cache_scores == "input" and attn.u_proj.out_features == cfg.num_heads  # one slope per head
+    ids = torch.randint(1, V, (2, 14))
+    model(ids, labels=ids).loss.backward()
+    assert attn.u_proj.weight.grad.abs().max() > 0  # the scores are read
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not bad, bad
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial scores, so that wrong positions show in the logits
+            p.add_(0.1 * torch.randn_like(p))
+        full = model(ids).logits
+        # decoding from a cache: positions continue from the cache's length
+        out = model(ids[:, :5], use_cache=True)
+        logits, cache = [out.logits], out.cache
+        for t in range(5, ids.shape[1]):
+            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            logits.append(out.logits)
+            cache = out.cache
+        torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-5)
+        gen = model.generate(ids[:, :6], max_new_tokens=8, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        seq = gen.sequences
+        torch.testing.assert_close(torch.stack(gen.logits, 1), model(seq).logits[:, 5:-1], rtol=1e-4, atol=1e-5)
+        assert torch.equal(seq, model.generate(ids[:, :6], max_new_tokens=8, do_sample=False, use_cache=False))
+    assert "cache_scores='input'" in repr(attn)
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).cache_scores == "input"
+    loaded, info = MCForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert loaded.config.cache_scores == "input" and loaded.model.layers[0].attn.cache_scores == "input"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, full)
+
+
+def test_cache_scores_checks_name_the_field():
+    assert tiny().cache_scores == "context"
+    for kw in (dict(cache_scores="position"), dict(cache_scores="input", aggregation="mean"),
+               dict(cache_scores="input", aggregation="none"), dict(cache_scores="input", use_u=False)):
+        with pytest.raises(ValueError, match="cache_scores"):
+            tiny(**kw)
+    cfg = tiny(cache_scores="input")
+    cfg.aggregation = "residual"  # changed after construction: checked by the model
+    with pytest.raises(ValueError, match="cache_scores"):
+        MCModel(cfg)
+    with pytest.raises(ValueError, match="cache_scores"):
+        MemoryCachingAttention(32, 2, aggregation="grm", cache_scores="bogus")

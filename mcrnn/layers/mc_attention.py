@@ -13,6 +13,11 @@ from mcrnn.ops import AGGREGATIONS, INITS, get_memory, memory_caching
 #: aggregations that score the cached memories with `u` (the others have no parameters)
 SCORED = ("grm", "soup", "ssc")
 
+#: what the scores of the cached memories see: "context" = `<u_t, p_i>` with `p_i` the mean key of segment i
+#: (SPEC §2.3); "input" = `u_t · (mean position of segment i) / segment_size` (the ablation of the paper's
+#: context-dependent gates: the weights depend on the current token and the segments' age only)
+CACHE_SCORES = ("context", "input")
+
 #: initial bias of each gate: the gates start near "remember" (decay, prev/cur near 1, forgetting near 0)
 GATE_BIAS = {"decay": 3.0, "prev": 3.0, "cur": 3.0, "lr": 0.0, "momentum": 0.0, "forget": -3.0}
 
@@ -60,6 +65,11 @@ class MemoryCachingAttention(nn.Module):
     token writes nothing to the memory (zero k and v, gates set to their "no change" values, zero input to the
     short convolution), so with left padding the real tokens see exactly what they would see unpadded, except
     that segment positions still count the padding.
+
+    `cache_scores="input"` (scored aggregations only, needs `use_u`): the summary of a segment is not its mean
+    key but its mean absolute position over `segment_size` (`summary_keys: [B, T, H, 1]` of the op, positions
+    counted from the start of the sequence, cached tokens included), and `u` is one scalar per head: a learned,
+    input-dependent recency slope. The weights of the cached memories then ignore what the segments stored.
     """
 
     def __init__(
@@ -81,6 +91,7 @@ class MemoryCachingAttention(nn.Module):
         conv_size: int = 4,
         norm_eps: float = 1e-6,
         layer_idx: int | None = None,
+        cache_scores: str = "context",
     ):
         super().__init__()
         self.mem = get_memory(memory)  # ValueError naming `memory` if unknown
@@ -88,6 +99,8 @@ class MemoryCachingAttention(nn.Module):
             raise ValueError(f"unknown `aggregation` {aggregation!r}: choose one of {list(AGGREGATIONS)}")
         if init not in INITS:
             raise ValueError(f"unknown `init` {init!r}: choose one of {list(INITS)}")
+        check_cache_scores(cache_scores, aggregation, use_u)
+        self.cache_scores = cache_scores
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = head_dim or hidden_size // num_heads
         self.head_v_dim = head_v_dim or self.head_dim
@@ -101,8 +114,11 @@ class MemoryCachingAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, H * K, bias=False)
         self.v_proj = nn.Linear(hidden_size, H * V, bias=False)
         # `u` exists only where it is read: a model trained with a parameter-free aggregation ("none",
-        # "residual", "mean") has the same parameters under any other parameter-free one (post-training MC)
-        self.u_proj = nn.Linear(hidden_size, H * K, bias=False) if (use_u and aggregation in SCORED) else None
+        # "residual", "mean") has the same parameters under any other parameter-free one (post-training MC).
+        # Input-only scores read a scalar summary (the position), so `u` is one scalar per head.
+        self.score_dim = 1 if cache_scores == "input" else K
+        self.u_proj = (nn.Linear(hidden_size, H * self.score_dim, bias=False)
+                       if (use_u and aggregation in SCORED) else None)
         self.conv = ShortConvolution(H * (2 * K + V), conv_size)
         self.gate_names = tuple(self.mem.gate_names)
         self.gates = nn.ModuleDict(
@@ -169,7 +185,16 @@ class MemoryCachingAttention(nn.Module):
         q = F.normalize(q.view(B, T, H, K), dim=-1)
         k = F.normalize(k.view(B, T, H, K), dim=-1)
         v = v.reshape(B, T, H, V)
-        u = self.u_proj(x).view(B, T, H, K) if self.u_proj is not None else None
+        u = self.u_proj(x).view(B, T, H, self.score_dim) if self.u_proj is not None else None
+        summary_keys = None
+        if self.cache_scores == "input":
+            # absolute positions (the cached tokens and padding included, as the segmentation counts them), so
+            # that decoding from a cache sees the summaries of the parallel forward; float32 at least, since a
+            # bfloat16 position would be exact only up to 256
+            t0 = state.seq_len if state is not None else 0
+            dt = torch.promote_types(x.dtype, torch.float32)
+            pos = torch.arange(t0, t0 + T, device=x.device, dtype=dt) / self.segment_size
+            summary_keys = pos.view(1, T, 1, 1).expand(B, T, H, 1)
         # gates in float32: a bfloat16 sigmoid cannot resolve decays close to 1
         gates = {n: torch.sigmoid(lin(x).float()) for n, lin in self.gates.items()}
         if keep is not None:
@@ -181,7 +206,7 @@ class MemoryCachingAttention(nn.Module):
         want_state = state is not None and use_cache
         o, mc_state = memory_caching(
             q, k, v, u, gates=gates, initial_state=state.mc if state is not None else None,
-            output_final_state=want_state, **self.op_kwargs(),
+            output_final_state=want_state, summary_keys=summary_keys, **self.op_kwargs(),
         )
         if want_state:
             state.mc, state.conv = mc_state, conv_state
@@ -190,7 +215,24 @@ class MemoryCachingAttention(nn.Module):
         return self.o_proj(o.reshape(B, T, H * V)), None, past_key_values
 
     def extra_repr(self) -> str:
+        scores = f"cache_scores={self.cache_scores!r}, " if self.cache_scores != "context" else ""
         return (f"memory={self.memory!r}, aggregation={self.aggregation!r}, "
                 f"segment_size={self.segment_size}, segmentation={self.segmentation!r}, init={self.init!r}, "
-                f"heads={self.num_heads}, "
+                f"{scores}heads={self.num_heads}, "
                 f"K={self.head_dim}, V={self.head_v_dim}")
+
+
+def check_cache_scores(cache_scores: str, aggregation: str, use_u: bool) -> None:
+    """ValueError naming `cache_scores` unless it is one of CACHE_SCORES and fits the aggregation and `use_u`."""
+    if cache_scores not in CACHE_SCORES:
+        raise ValueError(f"unknown `cache_scores` {cache_scores!r}: choose one of {list(CACHE_SCORES)}")
+    if cache_scores == "input":
+        if aggregation not in SCORED:
+            raise ValueError(
+                f"`cache_scores='input'` needs a scored aggregation {list(SCORED)}, got aggregation={aggregation!r} "
+                "(its caches have no scores): use cache_scores='context'"
+            )
+        if not use_u:
+            raise ValueError(
+                "`cache_scores='input'` needs `use_u=True`: its score query is one scalar per head, `u = q` cannot be"
+            )

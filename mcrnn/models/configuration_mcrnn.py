@@ -31,6 +31,9 @@ class MCConfig(PretrainedConfig):
         head_dim: K per head (default hidden_size // num_heads); expand_v: V = head_dim · expand_v.
         expansion: hidden size of the deep memories' MLP in units of K; memory_depth: 2 (MLP) or 1 (linear).
         use_u: a separate projection for the score queries `u` (else `u = q`).
+        cache_scores: "context" (scores `<u_t, p_i>` with `p_i` the mean key of segment i, SPEC §2.3) or
+            "input" (the ablation of context-dependent gates: `p_i` is segment i's mean position over
+            `segment_size` and `u_t` one scalar per head; scored aggregations only, needs `use_u`).
         conv_size: kernel of the short convolution; norm_eps: RMSNorm epsilon.
         max_position_embeddings, rope_theta: RoPE of the attention layers.
     """
@@ -69,6 +72,7 @@ class MCConfig(PretrainedConfig):
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         ssc_top_k: int | None = None,
+        cache_scores: str = "context",
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -93,6 +97,7 @@ class MCConfig(PretrainedConfig):
         self.expansion = expansion
         self.memory_depth = memory_depth
         self.use_u = use_u
+        self.cache_scores = cache_scores
         self.conv_size = conv_size
         self.norm_eps = norm_eps
         self.initializer_range = initializer_range
@@ -188,6 +193,9 @@ class MCConfig(PretrainedConfig):
             raise ValueError(f"`memory_depth` must be 1 or 2, got {self.memory_depth!r}")
         if not isinstance(self.use_u, bool):
             raise ValueError(f"`use_u` must be a bool, got {self.use_u!r}")
+        from mcrnn.layers.mc_attention import check_cache_scores
+
+        check_cache_scores(self.cache_scores, self.aggregation, self.use_u)
         for name in ("norm_eps", "initializer_range", "rope_theta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:

@@ -49,6 +49,7 @@ def make_mixer(config: MCConfig, layer_idx: int) -> nn.Module:
         segmentation=config.segmentation, init=config.init, top_k=config.top_k, mini_batch=config.mini_batch,
         expansion=config.expansion, memory_depth=config.memory_depth, use_u=config.use_u,
         conv_size=config.conv_size, norm_eps=config.norm_eps, layer_idx=layer_idx,
+        cache_scores=config.cache_scores,
     )
 
 

@@ -49,11 +49,13 @@ def memory_caching(
     mini_batch: int | None = None,
     initial_state: MCState | None = None,
     output_final_state: bool = False,
+    summary_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MCState | None]:
     """Memory Caching over a recurrent memory (SPEC §2), chunk-parallel.
 
     Args:
-        q, k: `[B, T, H, K]`; v: `[B, T, H, V]`; u: `[B, T, H, K]` router/score queries (None: `u = q`).
+        q, k: `[B, T, H, K]`; v: `[B, T, H, V]`; u: `[B, T, H, Ks]` router/score queries (None: `u = q`, which
+            needs Ks = K).
         memory: "linear" | "swla" (| "dla" | "titans" when registered).
         gates: the memory's gates by name, each `[B, T, H]` in [0, 1] (linear: `decay`; swla: `decay`,
             `prev`, `cur`); missing gates default to 1.
@@ -65,14 +67,18 @@ def memory_caching(
             from M_0).
         aggregation: "none" | "residual" | "grm" | "soup" | "ssc" (needs `top_k`) | "mean".
         scale: multiplies q before reading (default `K ** -0.5` for linear memories, 1 for deep ones).
-        score_scale: multiplies the scores `<u_t, p_i>` (default `K ** -0.5`).
+        score_scale: multiplies the scores `<u_t, p_i>` (default `Ks ** -0.5`).
         mini_batch: deep memories' mini-batch size.
         initial_state: an :class:`MCState` from a previous call: the call continues that sequence.
+        summary_keys: `[B, T, H, Ks]` the per-token vectors whose segment means are the summaries `p_i` of the
+            scores (None: the keys `k`, Ks = K). Anything causal works, e.g. a position feature for scores that
+            do not depend on what a segment wrote (`cache_scores="input"` of the layer). The state then holds
+            their sums, so a continuing call must pass summary keys of the same dim.
     Returns:
         `o: [B, T, H, V]` in q's dtype and, if `output_final_state`, the :class:`MCState` after the last token.
     """
     opts, gates, state, dt = prepare_call(
-        q, k, v, u, gates, initial_state, boundaries, memory=memory, aggregation=aggregation,
+        q, k, v, u, gates, initial_state, boundaries, summary_keys, memory=memory, aggregation=aggregation,
         segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k, scale=scale,
         score_scale=score_scale, params=params, mini_batch=mini_batch,
     )
@@ -80,11 +86,13 @@ def memory_caching(
     plan = make_plan(T, opts, state, boundaries)
     qh, kh, vh = (to_heads_first(x, dt) for x in (q, k, v))
     uh = to_heads_first(u, dt) if u is not None else qh
+    # the vectors whose segment means are the summaries p_i: [B, H, T, Ks]
+    sh = to_heads_first(summary_keys, dt) if summary_keys is not None else kh
     gh = {n: to_heads_first(g, dt) for n, g in gates.items()}
     if T == 1:  # decoding: the one-token step is exact and skips the parallel machinery (~5x faster)
         o, state = memory_caching_step(
             state, qh[:, :, 0], kh[:, :, 0], vh[:, :, 0], uh[:, :, 0], gates={n: g[:, :, 0] for n, g in gh.items()},
-            opts=opts, end_of_segment=plan.completes[0],
+            opts=opts, end_of_segment=plan.completes[0], summary_keys=sh[:, :, 0],
         )
         return o.unsqueeze(1).to(q.dtype), (state if output_final_state else None)
 
@@ -96,9 +104,9 @@ def memory_caching(
     if opts.aggregation == "none":
         o = r
     else:
-        csum = _prefix_sums(kh)
-        pool_key_sum, seg_sums = _key_sums(plan, state, kh, csum)
-        p_on = _online_summary(plan, state, kh, csum)
+        csum = _prefix_sums(sh)
+        pool_key_sum, seg_sums = _key_sums(plan, state, sh, csum)
+        p_on = _online_summary(plan, state, sh, csum)
         counts = torch.tensor([e.count for e in plan.entries], dtype=dt, device=q.device)
         pool_p = pool_key_sum / counts[:, None]
         if soup:
@@ -109,7 +117,7 @@ def memory_caching(
     if not output_final_state:
         return o, None
     if opts.aggregation == "none":
-        pool_key_sum, seg_sums = _key_sums(plan, state, kh, _prefix_sums(kh))
+        pool_key_sum, seg_sums = _key_sums(plan, state, sh, _prefix_sums(sh))
     return o, _final_state(opts, plan, state, final_online, pool_states, pool_key_sum, seg_sums)
 
 
@@ -161,13 +169,14 @@ def _segment_of_tokens(plan: Plan, T: int, device) -> torch.Tensor:
 
 
 def _prefix_sums(k: torch.Tensor) -> torch.Tensor:
-    """`[B, H, T + 1, K]` float64 prefix sums of the keys: a difference of two long float32 prefix sums would
-    lose the keys of a short segment late in a long sequence."""
+    """`[B, H, T + 1, Ks]` float64 prefix sums of the summary keys `k: [B, H, T, Ks]`: a difference of two long
+    float32 prefix sums would lose the keys of a short segment late in a long sequence."""
     return torch.nn.functional.pad(k.to(torch.float64).cumsum(2), (0, 0, 1, 0))
 
 
 def _key_sums(plan: Plan, state: MCState, k: torch.Tensor, csum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key sums of every pool entry `[B, H, P, K]` and of every local segment `[B, H, n_seg, K]`."""
+    """Summary-key sums (`k: [B, H, T, Ks]`, `csum` its prefix sums) of every pool entry `[B, H, P, Ks]` and of
+    every local segment `[B, H, n_seg, Ks]`."""
     starts = torch.tensor(plan.seg_start, device=k.device)
     ends = torch.tensor(plan.seg_end, device=k.device)
     seg_sums = (csum[:, :, ends] - csum[:, :, starts]).to(k.dtype)
@@ -182,7 +191,8 @@ def _key_sums(plan: Plan, state: MCState, k: torch.Tensor, csum: torch.Tensor) -
 
 
 def _online_summary(plan: Plan, state: MCState, k: torch.Tensor, csum: torch.Tensor) -> torch.Tensor:
-    """`p_s(t)`: running mean of the keys of the token's segment up to and including it, `[B, H, T, K]`."""
+    """`p_s(t)`: running mean of the summary keys `k: [B, H, T, Ks]` of the token's segment up to and including
+    it, `[B, H, T, Ks]`."""
     B, H, T, K = k.shape
     seg = _segment_of_tokens(plan, T, k.device)
     starts = torch.tensor(plan.seg_start, device=k.device)[seg]

@@ -15,7 +15,8 @@ __all__ = ["naive_memory_caching", "memory_caching_step"]
 def _aggregate(
     opts: MCOptions, state: MCState, q: torch.Tensor, u: torch.Tensor
 ) -> torch.Tensor:
-    """Output of one token from the online memory and the N caches (SPEC §2.3). `q, u: [B, H, K]`."""
+    """Output of one token from the online memory and the N caches (SPEC §2.3). `q: [B, H, K]`, `u: [B, H, Ks]`
+    (Ks: the dim of the summary keys, whose sums the state holds)."""
     mem = opts.memory
     r_on = mem.read(mem.readable(state.online), q, opts.scale)  # [B, H, V]
     agg, N = opts.aggregation, state.num_caches
@@ -26,9 +27,9 @@ def _aggregate(
         return r_on + (reads.sum(2) if N else 0.0)
     if agg == "mean":
         return (r_on + (reads.sum(2) if N else 0.0)) / (N + 1)
-    # grm, soup, ssc: scores z_i = <u, p_i> / sqrt(K); p = mean of the segment's keys
+    # grm, soup, ssc: scores z_i = <u, p_i> / sqrt(Ks); p = mean of the segment's summary keys
     counts = torch.tensor(state.cache_count, dtype=q.dtype, device=q.device)
-    p = state.cache_key_sum / counts[:, None] if N else None  # [B, H, N, K]
+    p = state.cache_key_sum / counts[:, None] if N else None  # [B, H, N, Ks]
     p_on = state.key_sum / state.seg_len
     z_on = (u * p_on).sum(-1, keepdim=True) * opts.score_scale  # [B, H, 1]
     z = torch.einsum("bhk,bhnk->bhn", u, p) * opts.score_scale if N else z_on[..., :0]
@@ -96,12 +97,15 @@ def memory_caching_step(
     gates: dict[str, torch.Tensor] | None = None,
     opts: MCOptions,
     end_of_segment: bool | None = None,
+    summary_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MCState]:
     """Advance the state by one token and return its output.
 
-    `q, k, u: [B, H, K]`, `v: [B, H, V]`, gates `{name: [B, H]}`, all in the state's dtype. `end_of_segment`
-    overrides the segmentation's rule (explicit boundaries); None means: a segment ends every
-    `segment_size` tokens. Returns `o: [B, H, V]` and the new state (the input state is not modified).
+    `q, k: [B, H, K]`, `v: [B, H, V]`, `u, summary_keys: [B, H, Ks]` (None: `u = q`, the summary keys are
+    `k`), gates `{name: [B, H]}`, all in the state's dtype (not checked here: :func:`memory_caching` with
+    T = 1 checks them). `end_of_segment` overrides the segmentation's rule (explicit boundaries); None means:
+    a segment ends every `segment_size` tokens. Returns `o: [B, H, V]` and the new state (the input state is
+    not modified).
     """
     mem = opts.memory
     st = dataclasses.replace(state, cache_count=list(state.cache_count), cache_level=list(state.cache_level),
@@ -115,7 +119,7 @@ def memory_caching_step(
             mem.step(lv, k, v, gates, seg_pos=((st.units % (1 << i)) * opts.segment_size + st.seg_len), **kw)
             for i, lv in enumerate(st.levels, start=1)
         ]
-    st.key_sum = st.key_sum + k
+    st.key_sum = st.key_sum + (k if summary_keys is None else summary_keys)
     st.seg_len += 1
     st.position += 1
     o = _aggregate(opts, st, q, u if u is not None else q)
@@ -146,10 +150,11 @@ def naive_memory_caching(
     mini_batch: int | None = None,
     initial_state: MCState | None = None,
     output_final_state: bool = False,
+    summary_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MCState | None]:
     """Memory Caching one token at a time (the reference). Same contract as :func:`memory_caching`."""
     opts, gates, state, dt = prepare_call(
-        q, k, v, u, gates, initial_state, boundaries, memory=memory, aggregation=aggregation,
+        q, k, v, u, gates, initial_state, boundaries, summary_keys, memory=memory, aggregation=aggregation,
         segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k, scale=scale,
         score_scale=score_scale, params=params, mini_batch=mini_batch,
     )
@@ -161,6 +166,7 @@ def naive_memory_caching(
             state, q[:, t].to(dt), k[:, t].to(dt), v[:, t].to(dt), u[:, t].to(dt) if u is not None else None,
             gates={n: g[:, t].to(dt) for n, g in gates.items()}, opts=opts,
             end_of_segment=(t + 1 in ends) if ends is not None else None,
+            summary_keys=summary_keys[:, t].to(dt) if summary_keys is not None else None,
         )
         outs.append(o_t)
     o = torch.stack(outs, dim=1).to(q.dtype)

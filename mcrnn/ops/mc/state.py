@@ -26,10 +26,11 @@ class MCState:
     Attributes:
         online: the online memory's state, `{name: [B, H, ...]}`.
         cache: the cached memories (only what a read needs), `{name: [B, H, N, ...]}`.
-        cache_key_sum: `[B, H, N, K]` sum of the keys of each cached segment (its summary is the mean).
+        cache_key_sum: `[B, H, N, Ks]` sum of the summary keys of each cached segment (its summary `p_i` is
+            the mean); the summary keys are the keys `k` (Ks = K) unless the call passed `summary_keys`.
         cache_count: tokens in each cached segment, length N.
         cache_level: Fenwick level of each cache (`logarithmic`; 0 otherwise), length N.
-        key_sum: `[B, H, K]` sum of the keys of the open segment so far.
+        key_sum: `[B, H, Ks]` sum of the summary keys of the open segment so far.
         seg_len: tokens of the open segment so far.
         position: tokens consumed so far.
         units: segments (units, for `logarithmic`) completed so far.
@@ -87,6 +88,7 @@ class MCOptions:
     mini_batch: int | None
     key_dim: int
     value_dim: int
+    summary_dim: int
 
     def initial_memory(self, like: torch.Tensor) -> State:
         """M_0 for a batch: `like` is any `[B, H, ...]` tensor of the compute dtype."""
@@ -108,8 +110,10 @@ class MCOptions:
 def make_options(
     *, memory: str, aggregation: str, segmentation: str, segment_size: int, init: str, top_k: int | None,
     scale: float | None, score_scale: float | None, params: dict | None, mini_batch: int | None,
-    boundaries: Sequence[int] | None, K: int, V: int, H: int,
+    boundaries: Sequence[int] | None, K: int, V: int, H: int, Ks: int | None = None,
 ) -> MCOptions:
+    """Validated options; `Ks` is the dim of the summary keys and of `u` (default K: the summaries are the keys')."""
+    Ks = K if Ks is None else Ks
     mem = get_memory(memory)
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown `aggregation` {aggregation!r}: choose one of {list(AGGREGATIONS)}")
@@ -142,8 +146,8 @@ def make_options(
     return MCOptions(
         memory=mem, aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init,
         top_k=top_k, scale=default_scale(scale, K, mem.default_scale(K)),
-        score_scale=default_scale(score_scale, K), params=params, mini_batch=mini_batch if mem.deep else None,
-        key_dim=K, value_dim=V,
+        score_scale=default_scale(score_scale, Ks), params=params, mini_batch=mini_batch if mem.deep else None,
+        key_dim=K, value_dim=V, summary_dim=Ks,
     )
 
 
@@ -170,13 +174,15 @@ def initial_mc_state(
     mem = opts.memory
     m0 = mem.init_state(B, H, K, V, like, opts.params)
     empty = {n: x.new_zeros(x.shape[:2] + (0,) + x.shape[2:]) for n, x in mem.readable(m0).items()}
+    Ks = opts.summary_dim
     return MCState(
-        online=m0, cache=empty, cache_key_sum=like.new_zeros(B, H, 0, K), key_sum=like.new_zeros(B, H, K),
+        online=m0, cache=empty, cache_key_sum=like.new_zeros(B, H, 0, Ks), key_sum=like.new_zeros(B, H, Ks),
         options=opts.signature(),
     )
 
 
-def check_initial_state(state: MCState, opts: MCOptions, B: int, H: int, K: int, dtype: torch.dtype) -> MCState:
+def check_initial_state(state: MCState, opts: MCOptions, B: int, H: int, Ks: int, dtype: torch.dtype) -> MCState:
+    """The state to continue from, checked against this call (`Ks`: the dim of its summary keys)."""
     if not isinstance(state, MCState):
         raise ValueError(
             f"`initial_state` must be the MCState returned with output_final_state=True, got {type(state).__name__}"
@@ -186,9 +192,10 @@ def check_initial_state(state: MCState, opts: MCOptions, B: int, H: int, K: int,
             f"`initial_state` was produced with {state.options}, but this call uses {opts.signature()}: "
             "continue a sequence with the same memory, segmentation, segment_size and init"
         )
-    if tuple(state.key_sum.shape) != (B, H, K):
+    if tuple(state.key_sum.shape) != (B, H, Ks):
         raise ValueError(
-            f"`initial_state` holds batch/heads/key dims {tuple(state.key_sum.shape)}, expected {(B, H, K)}"
+            f"`initial_state` holds batch/heads/key dims {tuple(state.key_sum.shape)}, expected {(B, H, Ks)} "
+            "(the last is the dim of the summary keys: `summary_keys` if given, else `k`)"
         )
     return state.map(lambda x: x.to(dtype))
 
@@ -201,23 +208,53 @@ def trailing_zeros(n: int) -> int:
     return (n & -n).bit_length() - 1
 
 
+def check_summary_keys(
+    q: torch.Tensor, u: torch.Tensor | None, summary_keys: torch.Tensor | None, B: int, T: int, H: int, K: int
+) -> int:
+    """Check `u` against the summary keys (`summary_keys: [B, T, H, Ks]`, None: the keys, Ks = K); return Ks."""
+    if summary_keys is None:
+        if u is not None and (not isinstance(u, torch.Tensor) or tuple(u.shape) != (B, T, H, K)):
+            raise ValueError(f"`u` must have the shape of `q` {tuple(q.shape)}, got {getattr(u, 'shape', u)}")
+        return K
+    s = summary_keys
+    if not isinstance(s, torch.Tensor) or s.dim() != 4 or tuple(s.shape[:3]) != (B, T, H) or s.shape[3] < 1:
+        raise ValueError(
+            f"`summary_keys` must have shape [B, T, H, Ks] = [{B}, {T}, {H}, Ks] with Ks >= 1, "
+            f"got {getattr(s, 'shape', type(s).__name__)}"
+        )
+    if not s.is_floating_point() or s.device != q.device:
+        raise ValueError(f"`summary_keys` must be a floating-point tensor on q's device, got {s.dtype} on {s.device}")
+    Ks = s.shape[3]
+    if u is None and Ks != K:
+        raise ValueError(
+            f"`u` is required with `summary_keys` of dim Ks={Ks} != K={K}: the default `u = q` has dim K, "
+            "and the scores are <u, p_i> with p_i of dim Ks"
+        )
+    if u is not None and (not isinstance(u, torch.Tensor) or tuple(u.shape) != (B, T, H, Ks)):
+        raise ValueError(
+            f"`u` must have shape [B, T, H, Ks] = {(B, T, H, Ks)} (Ks: the last dim of `summary_keys`), "
+            f"got {getattr(u, 'shape', u)}"
+        )
+    return Ks
+
+
 def prepare_call(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor | None, gates: dict | None,
-    initial_state: MCState | None, boundaries: Sequence[int] | None, **settings,
+    initial_state: MCState | None, boundaries: Sequence[int] | None, summary_keys: torch.Tensor | None = None,
+    **settings,
 ) -> tuple[MCOptions, dict[str, torch.Tensor], MCState, torch.dtype]:
     """The checks and set-up shared by every Memory Caching entry point: validated options, gates, the
     state to start from (fresh or continued, in the compute dtype) and the compute dtype."""
     from mcrnn.ops.utils import check_qkv, compute_dtype
 
     B, T, H, K, V = check_qkv(q, k, v)
-    if u is not None and (not isinstance(u, torch.Tensor) or tuple(u.shape) != (B, T, H, K)):
-        raise ValueError(f"`u` must have the shape of `q` {tuple(q.shape)}, got {getattr(u, 'shape', u)}")
-    opts = make_options(**settings, boundaries=boundaries, K=K, V=V, H=H)
+    Ks = check_summary_keys(q, u, summary_keys, B, T, H, K)
+    opts = make_options(**settings, boundaries=boundaries, K=K, V=V, H=H, Ks=Ks)
     gates = check_gates(gates, opts.memory, B, T, H)
     dt = compute_dtype(q)
     if initial_state is None:
         state = initial_mc_state(opts, B, H, K, V, q.new_zeros((), dtype=dt))
     else:
-        state = check_initial_state(initial_state, opts, B, H, K, dt)
+        state = check_initial_state(initial_state, opts, B, H, Ks, dt)
     return opts, gates, state, dt
 
