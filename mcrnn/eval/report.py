@@ -428,7 +428,7 @@ def claims(results: dict[str, dict]) -> list[tuple[str, str, str]]:
     else:
         out.append(("Context-dependent gates matter (input-only gates drop retrieval)", "–", NOT_MEASURED))
 
-    # 6. throughput
+    # 6. throughput (throughput.yaml's names: `linear`, `linear_ssc`, `linear_grm`, ...)
     tp = results.get("throughput")
     text, ok = [], []
     if tp:
@@ -436,19 +436,21 @@ def claims(results: dict[str, dict]) -> list[tuple[str, str, str]]:
         for r in throughput_rows(tp):
             if not r.get("skipped"):
                 by[r["variant"]][r["seq_len"]] = r["train_tokens_per_s"]
-        lens = sorted({L for c in by.values() for L in c})
-        if lens and {"linear", "ssc", "attention"} <= set(by):
-            first, last = lens[0], lens[-1]
-            r0, r1 = by["ssc"].get(first) / by["linear"][first], by["ssc"].get(last) / by["linear"][last]
-            text.append(f"SSC / base training tokens/s: {r0:.2f} at {first} → {r1:.2f} at {last}")
-            ok.append(r1 >= 0.5)
-            between = [v for v in by if v not in ("attention",) and v.endswith(("grm", "ssc", "residual"))
-                       and last in by[v]]
-            inside = [by["attention"][last] <= by[v][last] <= by["linear"][last] for v in between
-                      if v.startswith(("linear", "grm", "ssc", "residual"))]
-            if inside:
-                text.append(f"MC variants between attention and the RNN at {last}: {sum(inside)}/{len(inside)}")
-                ok.append(all(inside))
+        lens = sorted(set(by.get("linear", {})) & set(by.get("linear_ssc", {})))
+        if lens:
+            ratios = [by["linear_ssc"][L] / by["linear"][L] for L in lens]
+            text.append("SSC / base training tokens/s: " + ", ".join(
+                f"{r:.2f} at {L}" for r, L in zip(ratios, lens, strict=True)))
+            ok.append(ratios[-1] >= 0.5)
+        if lens and "attention" in by and lens[-1] in by["attention"]:
+            last = lens[-1]
+            mc = [v for v in by if v.startswith("linear_") and last in by[v]]
+            inside = [min(by["attention"][last], by["linear"][last]) <= by[v][last]
+                      <= max(by["attention"][last], by["linear"][last]) for v in mc]
+            text.append(f"at {last}: attention {by['attention'][last]:,.0f}, linear {by['linear'][last]:,.0f}, "
+                        + ", ".join(f"{v} {by[v][last]:,.0f}" for v in mc) + f" tokens/s ({sum(inside)}/"
+                        f"{len(inside)} MC variants between the two)")
+            ok.append(all(inside))
     out.append(("SSC stays close to the base RNN's training throughput; MC sits between the RNN and the "
                 "Transformer", "; ".join(text) or "–", _verdict(ok)))
 
