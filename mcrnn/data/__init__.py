@@ -1,4 +1,5 @@
-"""Data for mcrnn: MQAR synthetic recall, an offline Shakespeare corpus, tokenizers and packing.
+"""Data for mcrnn: MQAR synthetic recall, S-NIAH needle in a haystack, an offline Shakespeare corpus,
+tokenizers and packing.
 
 Importable with torch only (``tokenizers`` is imported when a BPE is trained or loaded). See
 ``docs/data.md``.
@@ -16,6 +17,7 @@ from .corpus import (
     prepare_corpus,
 )
 from .mqar import IGNORE_INDEX, MQARDataset, mqar, mqar_accuracy, mqar_splits, mqar_spread, split_seeds
+from .niah import niah_batch, niah_exact_match, niah_example
 from .packing import TextDataset, pack, pack_causal, pack_remainder
 from .tokenization import BPETokenizer, ByteTokenizer, bpe_path, get_tokenizer, load_bpe, train_bpe
 
@@ -39,6 +41,9 @@ __all__ = [
     "mqar_accuracy",
     "mqar_splits",
     "mqar_spread",
+    "niah_batch",
+    "niah_exact_match",
+    "niah_example",
     "pack",
     "pack_causal",
     "pack_remainder",

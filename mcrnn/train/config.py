@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-TASKS = ("mqar", "mqar_spread", "text")
+TASKS = ("mqar", "mqar_spread", "text", "niah")
 
 
 def _spec(default, *, choices=None, lo=None, hi=None, lo_open=False, doc=""):
@@ -31,7 +31,7 @@ def _spec(default, *, choices=None, lo=None, hi=None, lo_open=False, doc=""):
 
 @dataclass
 class DataConfig:
-    task: str = _spec("mqar_spread", choices=TASKS, doc="mqar | mqar_spread | text")
+    task: str = _spec("mqar_spread", choices=TASKS, doc="mqar | mqar_spread | text | niah")
     seq_len: int = _spec(256, lo=2, doc="tokens per example")
     # MQAR
     vocab_size: int = _spec(8192, lo=4, doc="MQAR vocabulary (keys in the lower half, values the upper)")
@@ -40,10 +40,15 @@ class DataConfig:
     power_a: float | None = _spec(None, lo=0.0, lo_open=True, doc="query-gap power law (None: task default)")
     random_non_queries: bool = _spec(True, doc="MQAR filler: random tokens instead of 0")
     num_eval: int = _spec(1000, lo=1, doc="held-out examples for eval (text: first windows of valid)")
-    # text
+    # text (and the haystacks of niah)
     source: str = _spec("sample", choices=("sample", "gutenberg"), doc="text corpus")
     tokenizer: str = _spec("byte", choices=("byte", "bpe"), doc="text tokenizer")
     bpe_vocab_size: int = _spec(8192, lo=257, doc="vocabulary of the cached corpus BPE")
+    # niah (byte level)
+    niah_variants: int | list[int] = _spec([1, 2, 3], choices=(1, 2, 3),
+                                           doc="S-NIAH variants mixed in training (1 filler, 2 text, 3 uuid)")
+    niah_label: str = _spec("query", choices=("query", "answer"),
+                            doc="S-NIAH bytes labelled in training: query and answer, or the answer only")
 
 
 @dataclass
@@ -209,6 +214,10 @@ def validate(raw: dict) -> Config:
     return cfg
 
 
+def niah_variants(d: DataConfig) -> list[int]:
+    return [d.niah_variants] if isinstance(d.niah_variants, int) else list(d.niah_variants)
+
+
 def kv_pairs(d: DataConfig) -> list[int]:
     return [d.num_kv_pairs] if isinstance(d.num_kv_pairs, int) else list(d.num_kv_pairs)
 
@@ -235,6 +244,16 @@ def _check_cross(cfg: Config) -> None:
         vs = cfg.model.get("vocab_size")
         if vs is not None and vs < d.vocab_size:
             raise ValueError(f"model.vocab_size: {vs} is smaller than data.vocab_size {d.vocab_size}")
+    if d.task == "niah":
+        from mcrnn.data.niah import min_seq_len
+
+        vs = niah_variants(d)
+        need = max(min_seq_len(v) for v in vs)
+        if d.seq_len + 1 < need:
+            raise ValueError(f"data.seq_len: S-NIAH variants {vs} need seq_len >= {need - 1} (needle, query and "
+                             f"answer), got {d.seq_len}")
+        if d.tokenizer != "byte":
+            raise ValueError(f"data.tokenizer: niah is byte level, got {d.tokenizer!r}")
 
 
 # --- loading -----------------------------------------------------------------------------------------------

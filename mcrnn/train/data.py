@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from mcrnn.data import mqar, mqar_spread, split_seeds
+from mcrnn.data import mqar, mqar_spread, niah_batch, split_seeds
 
-from .config import DataConfig, kv_pairs
+from .config import DataConfig, kv_pairs, niah_variants
 
 # torch's CPU generator keeps only the low 32 bits of a seed, so (seed, step) is folded into 31 bits;
 # a step stride of 1_000_003 keeps the steps of one run distinct up to 2**31 steps (different user seeds
@@ -85,8 +85,38 @@ class TextBatches:
         return self.valid.inputs[:n], self.valid.labels[:n]
 
 
+class NIAHBatches:
+    """Fresh S-NIAH examples every step (an equal mix of ``data.niah_variants``, random depths, training keys
+    and train-split haystacks), and a held-out set from the valid split's haystacks and the held-out keys.
+
+    ``data.niah_label`` picks the labelled bytes (the query's and the answer's, or the answer's only), so the
+    trainer's eval accuracy is the token accuracy on those bytes.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        from mcrnn.data import ByteTokenizer
+
+        self.cfg, self.seed = cfg, seed
+        self.variants = niah_variants(cfg)
+        self.vocab_size = ByteTokenizer.vocab_size
+
+    def global_batch(self, step: int, batch_size: int):
+        c = self.cfg
+        return niah_batch(self.variants, batch_size, c.seq_len, split_seeds(step_seed(self.seed, step))[0],
+                          "train", c.source, label=c.niah_label)
+
+    def eval_set(self):
+        c = self.cfg
+        return niah_batch(self.variants, c.num_eval, c.seq_len, split_seeds(self.seed)[1], "valid", c.source,
+                          label=c.niah_label)
+
+
 def make_batches(cfg: DataConfig, seed: int):
-    return TextBatches(cfg, seed) if cfg.task == "text" else MQARBatches(cfg, seed)
+    if cfg.task == "text":
+        return TextBatches(cfg, seed)
+    if cfg.task == "niah":
+        return NIAHBatches(cfg, seed)
+    return MQARBatches(cfg, seed)
 
 
 def shard(batch, rank: int, world: int, grad_accum: int):
