@@ -11,7 +11,8 @@ counts beyond training, where a fixed-size recurrent state runs out and Memory C
       batch_size: 128
 
 Rows: ``{"seq_len", "num_kv_pairs", "accuracy", "n_examples"}`` with per-query accuracy (the fraction of
-queried values recalled, the trainer's ``eval_acc``). Held-out generator seeds are odd, training seeds even
+queried values recalled, the trainer's ``eval_acc``); a cell where the model's state overflows (NaN) scores 0
+and carries ``"diverged": reason``. Held-out generator seeds are odd, training seeds even
 (:func:`mcrnn.data.split_seeds`), so no evaluation example is a training example.
 """
 
@@ -59,6 +60,14 @@ def evaluate(model, cfg: Config, spec: dict, variant: str) -> list[dict]:
     rows = []
     for L, n in grid(cfg, spec):
         x, y = fn(n_ex, L, d.vocab_size, n, power_a, d.random_non_queries, cell_seed(cfg.train.seed, L, n))
-        acc = accuracy(model, x, y, int(spec.get("batch_size", 128)))
+        try:
+            acc = accuracy(model, x, y, int(spec.get("batch_size", 128)))
+        except ValueError as e:
+            if "NaN" not in str(e):
+                raise
+            # a memory that overflows beyond its training length recalls nothing: score 0, say why
+            rows.append({"seq_len": L, "num_kv_pairs": n, "accuracy": 0.0, "n_examples": n_ex,
+                         "diverged": str(e)})
+            continue
         rows.append({"seq_len": L, "num_kv_pairs": n, "accuracy": acc, "n_examples": n_ex})
     return rows

@@ -517,6 +517,11 @@ def build(results: dict[str, dict], out: str | Path = "docs/results.md") -> Path
         if res.get("description"):
             doc += [res["description"].strip(), ""]
         doc += [provenance(res), "", mqar_table(res), ""]
+        diverged = [(r["variant"], r["seed"], row["seq_len"], row["num_kv_pairs"]) for r in res["runs"]
+                    for row in r["rows"] if row.get("diverged")]
+        if diverged:
+            doc += ["Cells where a run's state overflowed (NaN) and scored 0: " + ", ".join(
+                f"`{v}` seed {s} at L={L}, n={n}" for v, s, L, n in diverged) + ".", ""]
         png = mqar_plot(res, figs / f"{name}.png", name)
         doc += [f"![{name}]({rel}/{png.name})", ""]
         if name == "mqar":
