@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+from mcrnn.train.config import split_overrides
 
 #: the full sweep, in order: (task, experiment file); `mcrnn report` reads what it writes
 SWEEP = [
@@ -33,28 +33,15 @@ SWEEP = [
 def parse_dotted(args: list[str]) -> dict:
     """``["--base.train.steps=5", "--seeds", "[0]"]`` -> ``{"base": {"train": {"steps": 5}}, "seeds": [0]}``."""
     out: dict = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) < 3:
-            raise ValueError(f"override {arg!r}: expected --dotted.path=value")
-        if "=" in arg:
-            path, text = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ValueError(f"override {arg!r}: missing value")
-            path, text = arg[2:], args[i + 1]
-            i += 2
-        keys = path.split(".")
+    for arg, keys, value in split_overrides(args, "--dotted.path=value"):
         if not all(keys):
-            raise ValueError(f"override {arg!r}: empty key in {path!r}")
+            raise ValueError(f"override {arg!r}: empty key in {'.'.join(keys)!r}")
         node = out
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {arg!r}: {k!r} is set twice")
-        node[keys[-1]] = yaml.safe_load(text) if text != "" else ""
+        node[keys[-1]] = value
     return out
 
 

@@ -10,9 +10,9 @@ Four models of the same width and depth, trained with the same budget on the sam
 
 The task is Zoology's MQAR (:func:`mcrnn.data.mqar`: the key-value pairs first, then the queries) with
 more pairs than a head's state can hold, so the fixed-size state is the bottleneck: the base RNN cannot
-keep all the pairs, the cached segment states (2 pairs per 4-token segment) can. Accuracy is measured on held-out sequences
-(their generator seeds never meet a training batch's). Everything is seeded; on the same torch build the
-numbers are reproducible. See ``docs/training.md`` for how the setting was chosen.
+keep all the pairs, the cached segment states (2 pairs per 4-token segment) can. Accuracy is measured on
+held-out sequences (their generator seeds never meet a training batch's). Everything is seeded; on the
+same torch build the numbers are reproducible. See ``docs/training.md`` for how the setting was chosen.
 
     python -m mcrnn.experiments.demo [--quick] [--out results/demo] [--threads 2]
 

@@ -259,17 +259,16 @@ def _check_cross(cfg: Config) -> None:
 # --- loading -----------------------------------------------------------------------------------------------
 
 
-def parse_overrides(args: list[str]) -> dict:
-    """``["--train.lr=3e-4", "--model.top_k", "2"]`` → ``{"train": {"lr": "3e-4"}, "model": {"top_k": 2}}``.
-
-    Values are read as YAML (``true``, ``[1, 2]``, ``null``); the dotted path must be ``section.key``.
-    """
-    out: dict = {}
+def split_overrides(args: list[str], form: str = "--section.key=value") -> list[tuple[str, list[str], object]]:
+    """``["--a.b=1", "--c", "[2]"]`` → ``[("--a.b=1", ["a", "b"], 1), ("--c", ["c"], [2])]``: each override's
+    text, its dotted path and its value read as YAML (``true``, ``[1, 2]``, ``null``; empty text stays ``""``).
+    ``form`` names the expected syntax in errors."""
+    out = []
     i = 0
     while i < len(args):
         arg = args[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"override {arg!r}: expected --section.key=value")
+        if not arg.startswith("--") or len(arg) < 3:
+            raise ValueError(f"override {arg!r}: expected {form}")
         if "=" in arg:
             path, text = arg[2:].split("=", 1)
             i += 1
@@ -278,10 +277,20 @@ def parse_overrides(args: list[str]) -> dict:
                 raise ValueError(f"override {arg!r}: missing value")
             path, text = arg[2:], args[i + 1]
             i += 2
-        parts = path.split(".")
+        out.append((arg, path.split("."), yaml.safe_load(text) if text != "" else ""))
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["--train.lr=3e-4", "--model.top_k", "2"]`` → ``{"train": {"lr": "3e-4"}, "model": {"top_k": 2}}``.
+
+    Values are read as YAML (``true``, ``[1, 2]``, ``null``); the dotted path must be ``section.key``.
+    """
+    out: dict = {}
+    for arg, parts, value in split_overrides(args):
         if len(parts) != 2 or not all(parts):
             raise ValueError(f"override {arg!r}: expected --section.key=value")
-        out.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(text) if text != "" else ""
+        out.setdefault(parts[0], {})[parts[1]] = value
     return out
 
 
