@@ -531,34 +531,25 @@ def build(results: dict[str, dict], out: str | Path = "docs/results.md") -> Path
                     "keeps at the end of the sequence (the KV cache for attention, the state plus every cached "
                     "state for MC):", "", f"![state]({rel}/{sp.name})", ""]
 
-    res = results.get("niah")
-    doc += ["## Single needle in a haystack (S-NIAH-1/2/3)", ""]
-    if res:
-        doc += [res.get("description", "").strip(), "", provenance(res), "",
-                "Exact match of the greedy continuation (through `generate` with the model's cache), averaged "
-                "over the needle depths:", "", niah_table(res), "",
-                f"![niah]({rel}/{niah_plot(res, figs / 'niah.png').name})", ""]
-    else:
-        doc += [f"{NOT_MEASURED} (`mcrnn eval niah configs/eval/niah.yaml`).", ""]
+    def section(title: str, name: str, body) -> list[str]:
+        """A task section (experiment ``name`` = its task): description, provenance and ``body(res)``, or the
+        command that measures it."""
+        res = results.get(name)
+        if not res:
+            return [f"## {title}", "", f"{NOT_MEASURED} (`mcrnn eval {name} configs/eval/{name}.yaml`).", ""]
+        return [f"## {title}", "", res.get("description", "").strip(), "", provenance(res), "", *body(res)]
 
-    res = results.get("lm")
-    doc += ["## Language modelling, length extrapolation and post-training MC", ""]
-    if res:
-        doc += [res.get("description", "").strip(), "", provenance(res), "", lm_table(res), "",
-                "Perplexity on longer windows of the held-out split; `post_training_mc` is the model trained "
-                "with `aggregation: none` read with `aggregation: mean, init: independent, segment_size: L` "
-                "(same weights):", "", extrapolation_table(res), "",
-                f"![extrapolation]({rel}/{extrapolation_plot(res, figs / 'extrapolation.png').name})", ""]
-    else:
-        doc += [f"{NOT_MEASURED} (`mcrnn eval lm configs/eval/lm.yaml`).", ""]
-
-    res = results.get("throughput")
-    doc += ["## Throughput and memory of whole models", ""]
-    if res:
-        doc += [res.get("description", "").strip(), "", provenance(res), "", throughput_table(res), "",
-                f"![throughput]({rel}/{throughput_plot(res, figs / 'throughput.png').name})", ""]
-    else:
-        doc += [f"{NOT_MEASURED} (`mcrnn eval throughput configs/eval/throughput.yaml`).", ""]
+    doc += section("Single needle in a haystack (S-NIAH-1/2/3)", "niah", lambda res: [
+        "Exact match of the greedy continuation (through `generate` with the model's cache), averaged over the "
+        "needle depths:", "", niah_table(res), "", f"![niah]({rel}/{niah_plot(res, figs / 'niah.png').name})", ""])
+    doc += section("Language modelling, length extrapolation and post-training MC", "lm", lambda res: [
+        lm_table(res), "",
+        "Perplexity on longer windows of the held-out split; `post_training_mc` is the model trained with "
+        "`aggregation: none` read with `aggregation: mean, init: independent, segment_size: L` (same weights):", "",
+        extrapolation_table(res), "",
+        f"![extrapolation]({rel}/{extrapolation_plot(res, figs / 'extrapolation.png').name})", ""])
+    doc += section("Throughput and memory of whole models", "throughput", lambda res: [
+        throughput_table(res), "", f"![throughput]({rel}/{throughput_plot(res, figs / 'throughput.png').name})", ""])
     out.write_text("\n".join(doc).rstrip() + "\n", encoding="utf-8")
     return out
 
