@@ -425,9 +425,9 @@ def test_ssc_grouped_and_dense_reads_agree_with_reference(monkeypatch, ratio):
     """SSC reads the selected caches through tiles (many caches) or densely (few): both match the loop."""
     import importlib
 
-    chunk = importlib.import_module("mcrnn.ops.mc.chunk")
-    monkeypatch.setattr(chunk, "DENSE_SSC_RATIO", ratio)
-    monkeypatch.setattr(chunk, "DENSE_SSC_STATE", ratio)
+    aggregations = importlib.import_module("mcrnn.ops.mc.aggregations")
+    monkeypatch.setattr(aggregations, "DENSE_SSC_RATIO", ratio)
+    monkeypatch.setattr(aggregations, "DENSE_SSC_STATE", ratio)
     _check_parallel_vs_naive(90, "linear", "ssc", "independent", "constant", 3, top_k=2)
 
 

@@ -28,14 +28,15 @@ Layouts are heads-first inside (`k: [B, H, T, K]`, gates `[B, H, T]`); the publi
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from mcrnn.ops.memories import Memory, State, register_memory
-from mcrnn.ops.utils import check_gate, check_qkv, compute_dtype, default_scale, to_heads_first
+from mcrnn.ops.memory import Gate, Memory, State
+from mcrnn.ops.utils import check_gate, check_qkv, compute_dtype, default_scale, to_heads_first, weighted_matmul
 
 KINDS = ("dla", "titans")
 GATES = {"dla": ("lr", "decay"), "titans": ("lr", "momentum", "forget")}
@@ -537,6 +538,65 @@ class _DeepMemory(Memory):
     def default_scale(self, K: int) -> float:
         return 1.0
 
+    def check_dims(self, K, V, *, memory_depth=2):
+        if memory_depth == 2 and K != V:
+            raise ValueError(
+                f"memory {self.name!r} with memory_depth=2 needs head_v_dim == head_dim (the residual MLP maps K "
+                f"to V = K), got {V} != {K}: set `expand_v` to 1 or memory_depth=1"
+            )
+
+    def make_params(self, H, K, V, *, memory_depth=2, expansion=4):
+        self.check_dims(K, V, memory_depth=memory_depth)
+        if memory_depth == 1:
+            return {"W": torch.zeros(H, V, K)}
+        E = expansion * K
+        return {"W1": torch.zeros(H, V, E), "W2": torch.zeros(H, E, K)}
+
+    def init_params(self, params, std=0.02, init=torch.nn.init):
+        """W_0. Depth 1: `W = 0` (the memory starts as linear attention does). MLP: `W1 ~ N(0, std)` (f_W starts
+        close to the identity) and `W2 ~ N(0, 1/E)`, so that `a = gelu(W2 k)` has a small norm for unit keys:
+        the inner gradient step on W1 has curvature `‖a‖²`, and `θ‖a‖² > 2` makes the online update diverge
+        (with `W2 ~ N(0, 1)` Titans overflows within a few tokens)."""
+        if "W1" in params:
+            init.normal_(params["W1"], mean=0.0, std=std)
+            init.normal_(params["W2"], mean=0.0, std=params["W2"].shape[1] ** -0.5)
+        if "W" in params:
+            init.zeros_(params["W"])
+
+    def state_numel(self, K, V, *, memory_depth=2, expansion=4):
+        weights = V * K if memory_depth == 1 else 2 * expansion * K * K
+        momentum = weights if self.kind == "titans" else 0
+        return {"state": weights + momentum, "cache": weights}
+
+    def soup(self, q, k, v, gates, *, blocks, gamma_online, scan_kwargs):
+        """Memory Soup over the MLP: `y = x + (Σ γ_i W1_i) gelu((Σ γ_i W2_i) x)`, `x = scale · q`. The cached
+        part of the mix is a weighted GEMM per block (no per-token weights); the online `W2_t x_t` and
+        `W1_t z_t` come from a pass of the online memory that mixes them in (:class:`SoupMix`)."""
+        B, H, T, K = q.shape
+        x = q * scan_kwargs["scale"]
+        sizes = [t1 - t0 for t0, t1, _, _ in blocks]
+        pieces = x.split(sizes, dim=2)
+        E = None
+        hidden, per_block = [], []
+        for (t0, t1, gamma, cache), x_b in zip(blocks, pieces):
+            if gamma is None:
+                hidden.append(None)
+                per_block.append(None)
+                continue
+            n = gamma.shape[-1]
+            W1, W2 = cache["W1"], cache["W2"]  # [B, H, n, V, E], [B, H, n, E, K]
+            E = W2.shape[-2]
+            W2T = W2.transpose(-1, -2).reshape(B, H, n * K, -1)
+            W1T = W1.transpose(-1, -2).reshape(B, H, n * W1.shape[-1], -1)
+            hidden.append(weighted_matmul(gamma, x_b, W2T))  # Σ_{i<s} γ_i W2_i x
+            per_block.append((t0, gamma, W1T))
+        if E is None:
+            E = scan_kwargs["params"]["W2"].shape[-2]
+        hidden = [h if h is not None else x.new_zeros(B, H, sz, E) for h, sz in zip(hidden, sizes)]
+        mix = SoupMix(blocks, gamma_online, torch.cat(hidden, dim=2), per_block)
+        o, _, _ = self.scan(q, k, v, gates, mix=mix, **scan_kwargs)
+        return o
+
     def check(self, K, V, params, mini_batch, H):
         if mini_batch is None:
             raise ValueError(f"memory {self.name!r} needs `mini_batch` (an integer >= 1)")
@@ -594,15 +654,46 @@ class DLAMemory(_DeepMemory):
     """Deep linear attention: `W_t = a_t W_{t-1} - θ_t ∇(-<f_W(k_t), v_t>)` (gates `lr`, `decay`)."""
 
     name = kind = "dla"
-    gate_names = GATES["dla"]
+    gates = {"lr": Gate(init_bias=0.0, on_pad=0.0, default=1.0), "decay": Gate(init_bias=3.0, on_pad=1.0, default=1.0)}
 
 
 class TitansMemory(_DeepMemory):
     """Titans: momentum `S_t = η_t S_{t-1} - θ_t ∇½‖f_W(k_t) - v_t‖²`, `W_t = (1 - α_t) W_{t-1} + S_t`."""
 
     name = kind = "titans"
-    gate_names = GATES["titans"]
+    # on padded tokens a momentum of 0 keeps a zero momentum at zero; mid-sequence padding resets it
+    gates = {"lr": Gate(init_bias=0.0, on_pad=0.0, default=1.0), "momentum": Gate(init_bias=0.0, on_pad=0.0, default=0.0),
+             "forget": Gate(init_bias=-3.0, on_pad=0.0, default=0.0)}
 
 
-register_memory(DLAMemory())
-register_memory(TitansMemory())
+
+class SoupMix:
+    """The hook the deep scan calls per mini-batch to mix its online weights with the caches (Memory Soup).
+
+    `hidden(i, h)`: `h = W2_t x_t` of mini-batch `i`'s tokens `[B, H, b, E]` -> `gelu(γ_s h + Σ γ_i W2_i x)`;
+    `output(i, x, z, w1z)`: `w1z = W1_t z` -> `x + γ_s w1z + Σ γ_i W1_i z`."""
+
+    def __init__(self, blocks, gamma_on, hidden, per_block):
+        self.block_starts = [t0 for t0, _, _, _ in blocks]
+        self.gamma_on, self.hidden_cached, self.per_block = gamma_on, hidden, per_block
+
+    def prepare(self, idx: torch.Tensor) -> None:
+        """`idx: [n_mb, b]` token rows of the mini-batches (padding = T)."""
+        pad = lambda y: torch.cat([y, torch.zeros_like(y[:, :, :1])], dim=2)
+        # gather once and unbind: per-mini-batch indexing would zero-fill a full-size gradient each time
+        self.g_on = pad(self.gamma_on)[:, :, idx].unbind(2)
+        self.h_c = pad(self.hidden_cached)[:, :, idx].unbind(2)
+        self.rows = idx
+        self.block_of = [bisect.bisect_right(self.block_starts, int(t)) - 1 for t in idx[:, 0].tolist()]
+
+    def hidden(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        return gelu(self.g_on[i].unsqueeze(-1) * h + self.h_c[i])
+
+    def output(self, i: int, x: torch.Tensor, z: torch.Tensor, w1z: torch.Tensor) -> torch.Tensor:
+        out = x + self.g_on[i].unsqueeze(-1) * w1z
+        blk = self.per_block[self.block_of[i]]
+        if blk is None:
+            return out
+        t0, gamma, W1T = blk
+        local = (self.rows[i] - t0).clamp(0, gamma.shape[2] - 1)  # padding rows read anything; dropped later
+        return out + weighted_matmul(gamma[:, :, local], z, W1T)

@@ -1,4 +1,4 @@
-"""Shared checks and dtype helpers for the ops (torch only)."""
+"""Shared checks, dtype helpers and the weighted matmul of cached reads (torch only)."""
 
 from __future__ import annotations
 
@@ -66,3 +66,38 @@ def default_scale(scale: float | None, K: int, default: float | None = None) -> 
 def to_heads_first(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`[B, T, H, D] -> [B, H, T, D]` (gates `[B, T, H] -> [B, H, T]`) in the compute dtype."""
     return x.transpose(1, 2).to(dtype)
+
+
+class _WeightedMatmul(torch.autograd.Function):
+    """`out_t = Σ_n w_tn · (x_t @ W_n)`: `w: [*, t, N]`, `x: [*, t, D]`, `W: [*, N·D, V]` -> `[*, t, V]`.
+
+    One GEMM over the mixed inputs `[w_t1 x_t, ..., w_tN x_t]`. The mixed inputs (`t × N × D`) are rebuilt in
+    the backward pass instead of being stored."""
+
+    @staticmethod
+    def forward(ctx, w, x, W):
+        ctx.save_for_backward(w, x, W)
+        return _mix(w, x) @ W
+
+    @staticmethod
+    def backward(ctx, d_out):
+        w, x, W = ctx.saved_tensors
+        d_w = d_x = d_W = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            d_mixed = (d_out @ W.transpose(-1, -2)).unflatten(-1, (w.shape[-1], x.shape[-1]))  # [*, t, N, D]
+            if ctx.needs_input_grad[0]:
+                d_w = (d_mixed * x.unsqueeze(-2)).sum(-1)
+            if ctx.needs_input_grad[1]:
+                d_x = (w.unsqueeze(-2) @ d_mixed).squeeze(-2)
+        if ctx.needs_input_grad[2]:
+            d_W = _mix(w, x).transpose(-1, -2) @ d_out
+        return d_w, d_x, d_W
+
+
+def _mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (w.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+
+
+def weighted_matmul(w: torch.Tensor, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """`Σ_n w[..., n] · (x @ W_n)` with `W: [*, N·D, V]` the `N` matrices `[D, V]` stacked (see `_WeightedMatmul`)."""
+    return _WeightedMatmul.apply(w, x, W)

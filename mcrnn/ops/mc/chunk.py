@@ -13,20 +13,16 @@ from collections.abc import Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mcrnn.ops.mc.naive import memory_caching_step
+from mcrnn.ops.mc.aggregations import scores
 from mcrnn.ops.mc.plan import Plan, make_plan
+from mcrnn.ops.mc.spec import MCSpec
 from mcrnn.ops.mc.state import MCOptions, MCState, prepare_call
-from mcrnn.ops.memories import Memory, State, weighted_matmul
+from mcrnn.ops.mc.step import memory_caching_step
+from mcrnn.ops.memory import State
 from mcrnn.ops.utils import to_heads_first
 
 #: tokens per aggregation block (whole segments are grouped up to this size; longer segments are split)
 BLOCK_TOKENS = 256
-#: queries per tile in the grouped reads of `ssc`
-TILE = 32
-#: `ssc` reads every visible cache densely (unselected ones weighted 0) while there are at most this many
-#: per selected slot, or while a state has at most DENSE_SSC_STATE numbers (then routing costs more)
-DENSE_SSC_RATIO = 4
-DENSE_SSC_STATE = 256
 
 
 def memory_caching(
@@ -50,6 +46,7 @@ def memory_caching(
     initial_state: MCState | None = None,
     output_final_state: bool = False,
     summary_keys: torch.Tensor | None = None,
+    spec: MCSpec | None = None,
 ) -> tuple[torch.Tensor, MCState | None]:
     """Memory Caching over a recurrent memory (SPEC §2), chunk-parallel.
 
@@ -74,13 +71,15 @@ def memory_caching(
             scores (None: the keys `k`, Ks = K). Anything causal works, e.g. a position feature for scores that
             do not depend on what a segment wrote (`cache_scores="input"` of the layer). The state then holds
             their sums, so a continuing call must pass summary keys of the same dim.
+        spec: an :class:`MCSpec` holding the settings (memory, aggregation, segment_size, segmentation, init,
+            top_k, mini_batch), validated once, instead of passing them one by one.
     Returns:
         `o: [B, T, H, V]` in q's dtype and, if `output_final_state`, the :class:`MCState` after the last token.
     """
     opts, gates, state, dt = prepare_call(
-        q, k, v, u, gates, initial_state, boundaries, summary_keys, memory=memory, aggregation=aggregation,
-        segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k, scale=scale,
-        score_scale=score_scale, params=params, mini_batch=mini_batch,
+        q, k, v, u, gates, initial_state, boundaries, summary_keys, spec=spec, memory=memory,
+        aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k,
+        scale=scale, score_scale=score_scale, params=params, mini_batch=mini_batch,
     )
     T = q.shape[1]
     plan = make_plan(T, opts, state, boundaries)
@@ -96,12 +95,13 @@ def memory_caching(
         )
         return o.unsqueeze(1).to(q.dtype), (state if output_final_state else None)
 
-    need_caches = opts.aggregation != "none" or output_final_state
+    reads_caches = opts.agg.reads_caches
+    need_caches = reads_caches or output_final_state
     # Memory Soup over a memory whose read is not linear mixes the online weights themselves: a second pass
     # of the online memory reads with the mix (see `_soup`); the first pass only builds the caches.
-    soup = opts.aggregation == "soup" and not opts.memory.reads_linearly(state.online)
+    soup = opts.agg.mixes_states and not opts.memory.reads_linearly(state.online)
     r, final_online, pool_states = _run_memories(opts, plan, state, None if soup else qh, kh, vh, gh, need_caches)
-    if opts.aggregation == "none":
+    if not reads_caches:
         o = r
     else:
         csum = _prefix_sums(sh)
@@ -116,7 +116,7 @@ def memory_caching(
     o = o.transpose(1, 2).to(q.dtype)
     if not output_final_state:
         return o, None
-    if opts.aggregation == "none":
+    if not reads_caches:
         pool_key_sum, seg_sums = _key_sums(plan, state, sh, _prefix_sums(sh))
     return o, _final_state(opts, plan, state, final_online, pool_states, pool_key_sum, seg_sums)
 
@@ -226,197 +226,92 @@ def _blocks(plan: Plan, size: int = BLOCK_TOKENS) -> list[tuple[int, int, int, i
     return blocks
 
 
-def _aggregate(opts, plan, q, u, r, p_on, pool_states, pool_p) -> torch.Tensor:
-    B, H, T, _ = q.shape
-    dev = q.device
-    seg = _segment_of_tokens(plan, T, dev)
-    lo = torch.tensor([e.vis_lo for e in plan.entries], device=dev, dtype=torch.long)
-    hi = torch.tensor([e.vis_hi for e in plan.entries], device=dev, dtype=torch.long)
+def _visible_caches(plan: Plan, seg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, block):
+    """The pool entries visible to any token of `block = (t0, t1, first segment, last segment)`: an index into
+    the pool (a slice when they are contiguous: a view, no copy) and `visible: [t1 - t0, n]`; None if none."""
+    t0, t1, sa, sb = block
+    union = [i for i, e in enumerate(plan.entries) if e.vis_lo <= sb and e.vis_hi > sa]
+    if not union:
+        return None
+    if union == list(range(union[0], union[-1] + 1)):
+        index = slice(union[0], union[-1] + 1)
+    else:
+        index = torch.tensor(union, device=seg.device)
+    s = seg[t0:t1, None]
+    return index, (lo[index][None] <= s) & (s < hi[index][None])
+
+
+def _block_iter(plan: Plan, T: int, device, size: int, tensors):
+    """The one block iterator of the parallel path: yields `(block, slices of tensors, visible caches)` for
+    every block of whole segments (see `_blocks`); `tensors` are `[B, H, T, ...]`, split once (per-block slices
+    of autograd tensors would each zero-fill a full-size gradient)."""
+    seg = _segment_of_tokens(plan, T, device)
+    lo = torch.tensor([e.vis_lo for e in plan.entries], device=device, dtype=torch.long)
+    hi = torch.tensor([e.vis_hi for e in plan.entries], device=device, dtype=torch.long)
+    blocks = _blocks(plan, size)
+    sizes = [t1 - t0 for t0, t1, _, _ in blocks]
+    pieces = [x.split(sizes, dim=2) for x in tensors]
+    for b, block in enumerate(blocks):
+        yield block, [x[b] for x in pieces], _visible_caches(plan, seg, lo, hi, block)
+
+
+def _aggregate(opts: MCOptions, plan: Plan, q, u, r, p_on, pool_states: State, pool_p) -> torch.Tensor:
+    """Every token's output from its online read `r` and its visible caches, block by block (the aggregation's
+    block form)."""
+    agg, mem = opts.agg, opts.memory
     grad = torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, u, r, p_on, pool_p, *pool_states.values())
     )
     K, V = q.shape[-1], r.shape[-1]
-    blocks = _blocks(plan)
-    sizes = [t1 - t0 for t0, t1, _, _ in blocks]
-    # split once: per-block slices of autograd tensors would each zero-fill a full-size gradient
-    pieces = [x.split(sizes, dim=2) for x in (q, u, r, p_on)]
-    names = tuple(pool_states)
+    fn = _AggregateBlock(opts, tuple(pool_states))
     outs = []
-    for b, (t0, t1, sa, sb) in enumerate(blocks):
-        q_b, u_b, r_b, p_on_b = (x[b] for x in pieces)
-        union = [i for i, e in enumerate(plan.entries) if e.vis_lo <= sb and e.vis_hi > sa]
-        if not union:  # nothing cached yet: every aggregation reduces to the online read
+    for _, (q_b, u_b, r_b, p_on_b), vis in _block_iter(plan, q.shape[2], q.device, BLOCK_TOKENS, (q, u, r, p_on)):
+        if vis is None:  # nothing cached yet: every aggregation reduces to the online read
             outs.append(r_b)
             continue
-        if union == list(range(union[0], union[-1] + 1)):
-            index = slice(union[0], union[-1] + 1)  # a view of the pool, no copy
-        else:
-            index = torch.tensor(union, device=dev)
-        s = seg[t0:t1, None]
-        visible = (lo[index][None] <= s) & (s < hi[index][None])  # [t, n]
-        n = len(union)
-        dense_ssc = opts.aggregation == "ssc" and (n <= DENSE_SSC_RATIO * opts.top_k or K * V <= DENSE_SSC_STATE)
-        # Linear reads through `weighted_matmul` store only [t, n] weights per block: no recomputation needed.
-        # Other reads (SSC's grouped reads, deep memories) are recomputed in the backward pass.
-        recompute = grad and not (opts.memory.linear_read and (opts.aggregation != "ssc" or dense_ssc))
-        fn = _AggregateBlock(opts, names, dense_ssc)
+        index, visible = vis
         args = (q_b, u_b, r_b, p_on_b, visible, pool_p[:, :, index], *(x[:, :, index] for x in pool_states.values()))
+        recompute = grad and agg.recompute_block(mem, visible.shape[1], K, V, opts.top_k)
         outs.append(checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
     return torch.cat(outs, dim=2)
 
 
 class _AggregateBlock:
-    """The output of one block of tokens from its online reads and its visible caches (SPEC §2.3)."""
+    """One block's output (a plain callable of tensors, so that `torch.utils.checkpoint` can recompute it)."""
 
-    def __init__(self, opts: MCOptions, names: tuple[str, ...], dense_ssc: bool = False):
-        self.opts, self.names, self.dense_ssc = opts, names, dense_ssc
+    def __init__(self, opts: MCOptions, names: tuple[str, ...]):
+        self.opts, self.names = opts, names
 
     def __call__(self, q, u, r, p_on, visible, p, *cache_values):
-        opts, mem = self.opts, self.opts.memory
-        cache = dict(zip(self.names, cache_values))
-        agg = opts.aggregation
-        if agg in ("residual", "mean"):
-            w = visible.to(q.dtype).expand(*q.shape[:2], *visible.shape)
-            if agg == "mean":
-                n_read = (visible.sum(-1, keepdim=True) + 1).to(q.dtype)  # the caches + the online memory
-                w, r = w / n_read, r / n_read
-            return r + mem.read_weighted(cache, w, q, opts.scale)
-        z = (u @ p.transpose(-1, -2)) * opts.score_scale  # [B, H, t, n]
-        z = z.masked_fill(~visible, float("-inf"))
-        z_on = (u * p_on).sum(-1, keepdim=True) * opts.score_scale
-        if agg == "ssc" and opts.top_k < z.shape[-1]:
-            z_all = z
-            z, pick = z.topk(opts.top_k, dim=-1)
-            gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
-            if self.dense_ssc:
-                # few caches or tiny states: reading them all with the unselected ones weighted 0 costs less
-                # than routing the pairs into tiles; the output is the same (only the selected reads enter it)
-                if mem.linear_read:
-                    w = torch.zeros_like(z_all).scatter(-1, pick, gamma[..., :-1])
-                    return gamma[..., -1:] * r + mem.read_weighted(cache, w, q, opts.scale)
-                dense = mem.read_dense(cache, q, opts.scale)  # [B, H, t, n, V]
-                reads = dense.gather(3, pick.unsqueeze(-1).expand(*pick.shape, dense.shape[-1]))
-            else:
-                reads = _grouped_reads(mem, cache, q, pick, opts.scale)  # [B, H, t, top_k, V]
-            return gamma[..., -1:] * r + (gamma[..., :-1].unsqueeze(-1) * reads).sum(-2)
-        gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
-        return gamma[..., -1:] * r + mem.read_weighted(cache, gamma[..., :-1], q, opts.scale)
+        o = self.opts
+        return o.agg.block(o.memory, q, u, r, p_on, visible, p, dict(zip(self.names, cache_values)),
+                           scale=o.scale, score_scale=o.score_scale, top_k=o.top_k)
 
 
-def _soup(opts, plan, state, q, u, k, v, gates, p_on, pool_states, pool_p) -> torch.Tensor:
-    """Memory Soup over an MLP memory: `y = x + (Σ γ_i W1_i) gelu((Σ γ_i W2_i) x)`, `x = scale · q`.
-
-    The cached part of the mix is a weighted GEMM per block (no per-token weights); the online `W2_t x_t`
-    and `W1_t z_t` come from a second pass of the online memory (`SoupMix` is its hook)."""
-    B, H, T, K = q.shape
-    dev = q.device
-    seg = _segment_of_tokens(plan, T, dev)
-    lo = torch.tensor([e.vis_lo for e in plan.entries], device=dev, dtype=torch.long)
-    hi = torch.tensor([e.vis_hi for e in plan.entries], device=dev, dtype=torch.long)
-    b = opts.mini_batch
+def _soup(opts: MCOptions, plan: Plan, state: MCState, q, u, k, v, gates, p_on, pool_states, pool_p) -> torch.Tensor:
+    """Memory Soup over a memory whose read is not linear: the weights γ come from the scores as for GRM, and
+    the memory mixes its own states with them (its :meth:`~mcrnn.ops.memory.Memory.soup` hook)."""
+    B, H, T, _ = q.shape
+    b = opts.mini_batch or 1
     # blocks never cut a mini-batch: long segments are split at a multiple of the mini-batch size
-    blocks = _blocks(plan, max(b, BLOCK_TOKENS // b * b))
-    sizes = [t1 - t0 for t0, t1, _, _ in blocks]
-    x = q * opts.scale
-    pieces = [y.split(sizes, dim=2) for y in (x, u, p_on)]
-    gamma_on, hidden, per_block = [], [], []
-    for i, (t0, t1, sa, sb) in enumerate(blocks):
-        x_b, u_b, p_on_b = (y[i] for y in pieces)
-        union = [j for j, e in enumerate(plan.entries) if e.vis_lo <= sb and e.vis_hi > sa]
-        if not union:
-            gamma_on.append(x_b.new_ones(B, H, t1 - t0))
-            hidden.append(None)
-            per_block.append(None)
+    size = max(b, BLOCK_TOKENS // b * b)
+    blocks, gamma_on = [], []
+    for (t0, t1, _, _), (u_b, p_on_b), vis in _block_iter(plan, T, q.device, size, (u, p_on)):
+        if vis is None:
+            gamma_on.append(u_b.new_ones(B, H, t1 - t0))
+            blocks.append((t0, t1, None, None))
             continue
-        index = torch.tensor(union, device=dev)
-        s = seg[t0:t1, None]
-        visible = (lo[index][None] <= s) & (s < hi[index][None])
-        z = ((u_b @ pool_p[:, :, index].transpose(-1, -2)) * opts.score_scale).masked_fill(~visible, float("-inf"))
-        z_on = (u_b * p_on_b).sum(-1, keepdim=True) * opts.score_scale
+        index, visible = vis
+        z, z_on = scores(u_b, pool_p[:, :, index], p_on_b, visible, opts.score_scale)
         gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
-        n = len(union)
-        W1, W2 = pool_states["W1"][:, :, index], pool_states["W2"][:, :, index]  # [B, H, n, V, E], [.., E, K]
-        W2T = W2.transpose(-1, -2).reshape(B, H, n * K, -1)
-        W1T = W1.transpose(-1, -2).reshape(B, H, n * W1.shape[-1], -1)
+        n = z.shape[-1]
         gamma_on.append(gamma[..., n])
-        hidden.append(weighted_matmul(gamma[..., :n], x_b, W2T))  # Σ_{i<s} γ_i W2_i x
-        per_block.append((t0, gamma[..., :n], W1T))
-    E = pool_states["W2"].shape[-2]
-    hidden = [h if h is not None else x.new_zeros(B, H, sz, E) for h, sz in zip(hidden, sizes)]
-    mix = SoupMix(blocks, torch.cat(gamma_on, dim=2), torch.cat(hidden, dim=2), per_block)
-    mem = opts.memory
+        blocks.append((t0, t1, gamma[..., :n], {nm: x[:, :, index] for nm, x in pool_states.items()}))
     seg_starts = [s for j, s in enumerate(plan.seg_start) if not (j == 0 and plan.continues)]
-    o, _, _ = mem.scan(q, k, v, gates, initial=state.online, resets=plan.runs[0].resets, positions=[],
-                       segment_starts=seg_starts, offset=state.seg_len, scale=opts.scale, params=opts.params,
-                       mini_batch=opts.mini_batch, mix=mix)
-    return o
-
-
-class SoupMix:
-    """The hook a deep memory's scan calls per mini-batch to mix its online weights with the caches.
-
-    `hidden(i, h)`: `h = W2_t x_t` of mini-batch `i`'s tokens `[B, H, b, E]` -> `gelu(γ_s h + Σ γ_i W2_i x)`;
-    `output(i, x, z, w1z)`: `w1z = W1_t z` -> `x + γ_s w1z + Σ γ_i W1_i z`."""
-
-    def __init__(self, blocks, gamma_on, hidden, per_block):
-        self.block_starts = [t0 for t0, _, _, _ in blocks]
-        self.gamma_on, self.hidden_cached, self.per_block = gamma_on, hidden, per_block
-
-    def prepare(self, idx: torch.Tensor) -> None:
-        """`idx: [n_mb, b]` token rows of the mini-batches (padding = T)."""
-        import bisect
-
-        pad = lambda y: torch.cat([y, torch.zeros_like(y[:, :, :1])], dim=2)
-        # gather once and unbind: per-mini-batch indexing would zero-fill a full-size gradient each time
-        self.g_on = pad(self.gamma_on)[:, :, idx].unbind(2)
-        self.h_c = pad(self.hidden_cached)[:, :, idx].unbind(2)
-        self.rows = idx
-        self.block_of = [bisect.bisect_right(self.block_starts, int(t)) - 1 for t in idx[:, 0].tolist()]
-
-    def hidden(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        from mcrnn.ops.deep import gelu
-
-        return gelu(self.g_on[i].unsqueeze(-1) * h + self.h_c[i])
-
-    def output(self, i: int, x: torch.Tensor, z: torch.Tensor, w1z: torch.Tensor) -> torch.Tensor:
-        out = x + self.g_on[i].unsqueeze(-1) * w1z
-        blk = self.per_block[self.block_of[i]]
-        if blk is None:
-            return out
-        t0, gamma, W1T = blk
-        local = (self.rows[i] - t0).clamp(0, gamma.shape[2] - 1)  # padding rows read anything; dropped later
-        return out + weighted_matmul(gamma[:, :, local], z, W1T)
-
-
-def _grouped_reads(mem: Memory, cache: State, q: torch.Tensor, pick: torch.Tensor, scale: float) -> torch.Tensor:
-    """Reads of only the selected caches: `pick: [B, H, t, k]` indexes cache dim 2 -> `[B, H, t, k, V]`.
-
-    The (query, cache) pairs are sorted by cache and packed into tiles of TILE queries sharing one cache, so
-    each selected state is read by a dense `[TILE, K] x state` product instead of being copied per token."""
-    B, H, t, kk = pick.shape
-    N = next(iter(cache.values())).shape[2]
-    K = q.shape[-1]
-    dev = q.device
-    bh = torch.arange(B * H, device=dev).view(B, H, 1, 1)
-    key = (bh * N + pick).reshape(-1)  # which (batch, head, cache) each pair reads
-    order = torch.argsort(key, stable=True)
-    sorted_key = key[order]
-    groups, counts = torch.unique_consecutive(sorted_key, return_counts=True)
-    tiles_per = (counts + TILE - 1) // TILE
-    first_tile = torch.cumsum(tiles_per, 0) - tiles_per
-    first_pair = torch.cumsum(counts, 0) - counts
-    group_of = torch.repeat_interleave(torch.arange(len(groups), device=dev), counts)
-    rank = torch.arange(key.numel(), device=dev) - first_pair[group_of]
-    tile, slot = first_tile[group_of] + rank // TILE, rank % TILE
-    n_tiles = int(tiles_per.sum())
-    q_pairs = q.unsqueeze(3).expand(B, H, t, kk, K).reshape(-1, K)[order]
-    q_tiles = q.new_zeros(n_tiles, TILE, K).index_put((tile, slot), q_pairs)
-    tile_state = torch.repeat_interleave(groups, tiles_per, output_size=n_tiles)
-    states = {n: x.reshape(B * H * N, *x.shape[3:])[tile_state] for n, x in cache.items()}
-    out = mem.read_groups(states, q_tiles, scale)[tile, slot]  # [pairs, V] in sorted order
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=dev)
-    return out[inverse].view(B, H, t, kk, -1)
+    scan_kwargs = dict(initial=state.online, resets=plan.runs[0].resets, positions=[], segment_starts=seg_starts,
+                       offset=state.seg_len, scale=opts.scale, params=opts.params, mini_batch=opts.mini_batch)
+    return opts.memory.soup(q, k, v, gates, blocks=blocks, gamma_online=torch.cat(gamma_on, dim=2),
+                            scan_kwargs=scan_kwargs)
 
 
 def _final_state(opts, plan, state, finals, pool_states, pool_key_sum, seg_sums) -> MCState:

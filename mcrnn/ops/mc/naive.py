@@ -1,4 +1,6 @@
-"""Token-loop reference for Memory Caching, literally SPEC §2, and the one-token decode step it is built on."""
+"""Token-loop reference for Memory Caching, literally SPEC §2 (reference only: the tests compare the parallel
+path and the decode step against it, so it shares no code with them beyond the memory's and the aggregation's
+per-token forms)."""
 
 from __future__ import annotations
 
@@ -7,51 +9,33 @@ from collections.abc import Sequence
 
 import torch
 
+from mcrnn.ops.mc.plan import check_boundaries
+from mcrnn.ops.mc.spec import MCSpec
 from mcrnn.ops.mc.state import MCOptions, MCState, prepare_call, trailing_zeros
 
-__all__ = ["naive_memory_caching", "memory_caching_step"]
+__all__ = ["naive_memory_caching"]
 
 
 def _aggregate(
     opts: MCOptions, state: MCState, q: torch.Tensor, u: torch.Tensor
 ) -> torch.Tensor:
-    """Output of one token from the online memory and the N caches (SPEC §2.3). `q: [B, H, K]`, `u: [B, H, Ks]`
-    (Ks: the dim of the summary keys, whose sums the state holds)."""
-    mem = opts.memory
-    r_on = mem.read(mem.readable(state.online), q, opts.scale)  # [B, H, V]
-    agg, N = opts.aggregation, state.num_caches
-    if agg == "none":
-        return r_on
-    reads = mem.read(state.cache, q.unsqueeze(2).expand(-1, -1, N, -1), opts.scale) if N else None  # [B, H, N, V]
-    if agg == "residual":
-        return r_on + (reads.sum(2) if N else 0.0)
-    if agg == "mean":
-        return (r_on + (reads.sum(2) if N else 0.0)) / (N + 1)
-    # grm, soup, ssc: scores z_i = <u, p_i> / sqrt(Ks); p = mean of the segment's summary keys
-    counts = torch.tensor(state.cache_count, dtype=q.dtype, device=q.device)
-    p = state.cache_key_sum / counts[:, None] if N else None  # [B, H, N, Ks]
+    """Output of one token from the online memory and the N caches (SPEC §2.3). `q: [B, H, K]`, `u: [B, H, Ks]`."""
+    mem, agg, N = opts.memory, opts.agg, state.num_caches
+    online = mem.readable(state.online)
+    r_on = mem.read(online, q, opts.scale)  # [B, H, V]
+    if not agg.scored:
+        return agg.token(mem, online, state.cache, q, r_on, None, None, scale=opts.scale, top_k=opts.top_k)
+    # scores z_i = <u, p_i> / sqrt(Ks), p = the mean of the segment's summary keys; the online p_s is the running
+    # mean of the open segment's
     p_on = state.key_sum / state.seg_len
     z_on = (u * p_on).sum(-1, keepdim=True) * opts.score_scale  # [B, H, 1]
-    z = torch.einsum("bhk,bhnk->bhn", u, p) * opts.score_scale if N else z_on[..., :0]
-    if agg == "ssc" and N > opts.top_k:
-        z, idx = z.topk(opts.top_k, dim=-1)  # the router: only these caches are read
-        cache = {n: x.gather(2, idx.view(*idx.shape, *([1] * (x.dim() - 3))).expand(-1, -1, -1, *x.shape[3:]))
-                 for n, x in state.cache.items()}
-        reads = reads.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, reads.shape[-1]))
+    if N:
+        counts = torch.tensor(state.cache_count, dtype=q.dtype, device=q.device)
+        p = state.cache_key_sum / counts[:, None]  # [B, H, N, Ks]
+        z = torch.einsum("bhk,bhnk->bhn", u, p) * opts.score_scale
     else:
-        cache = state.cache
-    gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)  # the online memory takes part
-    if agg == "soup":
-        # read(Σ γ_i M_i, q): mix the states themselves
-        mixed = {}
-        for n, x in mem.readable(state.online).items():
-            w = gamma[..., :N].view(*gamma.shape[:2], N, *([1] * (x.dim() - 2)))
-            mixed[n] = (w * cache[n]).sum(2) + gamma[..., N].view(*gamma.shape[:2], *([1] * (x.dim() - 2))) * x
-        return mem.read(mixed, q, opts.scale)
-    out = gamma[..., -1:] * r_on
-    if reads is not None and reads.shape[2]:
-        out = out + (gamma[..., :-1].unsqueeze(-1) * reads).sum(2)
-    return out
+        z = z_on[..., :0]
+    return agg.token(mem, online, state.cache, q, r_on, z, z_on, scale=opts.scale, top_k=opts.top_k)
 
 
 def _complete_segment(opts: MCOptions, st: MCState) -> None:
@@ -87,7 +71,7 @@ def _complete_segment(opts: MCOptions, st: MCState) -> None:
     st.seg_len = 0
 
 
-def memory_caching_step(
+def _reference_step(
     state: MCState,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -151,18 +135,19 @@ def naive_memory_caching(
     initial_state: MCState | None = None,
     output_final_state: bool = False,
     summary_keys: torch.Tensor | None = None,
+    spec: MCSpec | None = None,
 ) -> tuple[torch.Tensor, MCState | None]:
     """Memory Caching one token at a time (the reference). Same contract as :func:`memory_caching`."""
     opts, gates, state, dt = prepare_call(
-        q, k, v, u, gates, initial_state, boundaries, summary_keys, memory=memory, aggregation=aggregation,
-        segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k, scale=scale,
-        score_scale=score_scale, params=params, mini_batch=mini_batch,
+        q, k, v, u, gates, initial_state, boundaries, summary_keys, spec=spec, memory=memory,
+        aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k,
+        scale=scale, score_scale=score_scale, params=params, mini_batch=mini_batch,
     )
     T = q.shape[1]
     ends = _boundary_set(boundaries, T) if segmentation == "boundaries" else None
     outs = []
     for t in range(T):
-        o_t, state = memory_caching_step(
+        o_t, state = _reference_step(
             state, q[:, t].to(dt), k[:, t].to(dt), v[:, t].to(dt), u[:, t].to(dt) if u is not None else None,
             gates={n: g[:, t].to(dt) for n, g in gates.items()}, opts=opts,
             end_of_segment=(t + 1 in ends) if ends is not None else None,
@@ -174,6 +159,4 @@ def naive_memory_caching(
 
 
 def _boundary_set(boundaries: Sequence[int], T: int) -> set[int]:
-    from mcrnn.ops.mc.plan import check_boundaries
-
     return set(check_boundaries(boundaries, T))

@@ -8,12 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mcrnn.ops.memories import Memory, State, get_memory
-from mcrnn.ops.utils import default_scale
-
-AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc", "mean")
-SEGMENTATIONS = ("constant", "logarithmic", "boundaries")
-INITS = ("checkpoint", "independent")
+from mcrnn.ops.mc.aggregations import Aggregation
+from mcrnn.ops.mc.spec import MCSpec, resolve_spec
+from mcrnn.ops.memory import Memory, State
+from mcrnn.ops.utils import check_gate, check_qkv, compute_dtype, default_scale
 
 
 @dataclass
@@ -74,86 +72,85 @@ class MCState:
 
 @dataclass
 class MCOptions:
-    """Validated settings of one call (shared by the parallel path, the reference and the decode step)."""
+    """One call's settings: the validated :class:`MCSpec` plus what the call's tensors decide (scales, dims,
+    the deep memories' parameters). Shared by the parallel path, the reference and the decode step."""
 
-    memory: Memory
-    aggregation: str
-    segmentation: str
-    segment_size: int
-    init: str
-    top_k: int | None
+    spec: MCSpec
     scale: float
     score_scale: float
     params: dict | None
-    mini_batch: int | None
     key_dim: int
     value_dim: int
     summary_dim: int
+
+    @property
+    def memory(self) -> Memory:
+        return self.spec.mem
+
+    @property
+    def agg(self) -> Aggregation:
+        return self.spec.agg
+
+    @property
+    def aggregation(self) -> str:
+        return self.spec.aggregation
+
+    @property
+    def segmentation(self) -> str:
+        return self.spec.segmentation
+
+    @property
+    def segment_size(self) -> int:
+        return self.spec.segment_size
+
+    @property
+    def init(self) -> str:
+        return self.spec.init
+
+    @property
+    def top_k(self) -> int | None:
+        return self.spec.top_k
+
+    @property
+    def mini_batch(self) -> int | None:
+        return self.spec.mini_batch
+
+    @property
+    def independent(self) -> bool:
+        return self.spec.independent
 
     def initial_memory(self, like: torch.Tensor) -> State:
         """M_0 for a batch: `like` is any `[B, H, ...]` tensor of the compute dtype."""
         return self.memory.init_state(like.shape[0], like.shape[1], self.key_dim, self.value_dim, like, self.params)
 
-    @property
-    def independent(self) -> bool:
-        return self.init == "independent"
-
     def signature(self) -> dict:
-        return {
-            "memory": self.memory.name,
-            "segmentation": self.segmentation,
-            "segment_size": self.segment_size,
-            "init": self.init,
-        }
+        return self.spec.signature()
 
 
 def make_options(
-    *, memory: str, aggregation: str, segmentation: str, segment_size: int, init: str, top_k: int | None,
-    scale: float | None, score_scale: float | None, params: dict | None, mini_batch: int | None,
-    boundaries: Sequence[int] | None, K: int, V: int, H: int, Ks: int | None = None,
+    *, spec: MCSpec | None = None, scale: float | None, score_scale: float | None, params: dict | None,
+    boundaries: Sequence[int] | None, K: int, V: int, H: int, Ks: int | None = None, **settings,
 ) -> MCOptions:
-    """Validated options; `Ks` is the dim of the summary keys and of `u` (default K: the summaries are the keys')."""
+    """The options of one call: `spec` (or the settings to build it from: memory, aggregation, segmentation,
+    segment_size, init, top_k, mini_batch) checked against the call's dims and data. `Ks` is the dim of the
+    summary keys and of `u` (default K: the summaries are the keys')."""
+    spec = resolve_spec(spec, **settings)
     Ks = K if Ks is None else Ks
-    mem = get_memory(memory)
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown `aggregation` {aggregation!r}: choose one of {list(AGGREGATIONS)}")
-    if segmentation not in SEGMENTATIONS:
-        raise ValueError(f"unknown `segmentation` {segmentation!r}: choose one of {list(SEGMENTATIONS)}")
-    if init not in INITS:
-        raise ValueError(f"unknown `init` {init!r}: choose one of {list(INITS)}")
-    if not isinstance(segment_size, int) or isinstance(segment_size, bool) or segment_size < 1:
-        raise ValueError(f"`segment_size` must be an integer >= 1, got {segment_size!r}")
-    if aggregation == "ssc":
-        if top_k is None:
-            raise ValueError("`top_k` is required for aggregation='ssc' (how many cached memories each token reads)")
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-            raise ValueError(f"`top_k` must be an integer >= 1, got {top_k!r}")
-    if segmentation == "boundaries" and boundaries is None:
+    if spec.segmentation == "boundaries" and boundaries is None:
         raise ValueError("segmentation='boundaries' needs `boundaries` (segment end positions)")
-    if boundaries is not None and segmentation != "boundaries":
-        raise ValueError(f"`boundaries` was given but segmentation={segmentation!r}: use segmentation='boundaries'")
-    if mini_batch is not None and (not isinstance(mini_batch, int) or isinstance(mini_batch, bool) or mini_batch < 1):
-        raise ValueError(f"`mini_batch` must be an integer >= 1, got {mini_batch!r}")
-    if mem.deep:
-        if mini_batch is None:
-            mini_batch = 1
-        if segmentation != "boundaries" and segment_size % mini_batch:
-            raise ValueError(
-                f"`segment_size` ({segment_size}) must be a multiple of `mini_batch` ({mini_batch}) so that "
-                "mini-batches do not straddle segments"
-            )
-    mem.check(K, V, params, mini_batch, H)
+    if boundaries is not None and spec.segmentation != "boundaries":
+        raise ValueError(
+            f"`boundaries` was given but segmentation={spec.segmentation!r}: use segmentation='boundaries'"
+        )
+    mem = spec.mem
+    mem.check(K, V, params, spec.mini_batch, H)
     return MCOptions(
-        memory=mem, aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init,
-        top_k=top_k, scale=default_scale(scale, K, mem.default_scale(K)),
-        score_scale=default_scale(score_scale, Ks), params=params, mini_batch=mini_batch if mem.deep else None,
-        key_dim=K, value_dim=V, summary_dim=Ks,
+        spec=spec, scale=default_scale(scale, K, mem.default_scale(K)), score_scale=default_scale(score_scale, Ks),
+        params=params, key_dim=K, value_dim=V, summary_dim=Ks,
     )
 
 
 def check_gates(gates: dict | None, memory: Memory, B: int, T: int, H: int) -> dict[str, torch.Tensor]:
-    from mcrnn.ops.utils import check_gate
-
     gates = {} if gates is None else gates
     if not isinstance(gates, dict):
         raise ValueError(f"`gates` must be a dict of [B, T, H] tensors by name, got {type(gates).__name__}")
@@ -164,7 +161,7 @@ def check_gates(gates: dict | None, memory: Memory, B: int, T: int, H: int) -> d
             f"it takes {list(memory.gate_names)}"
         )
     for name, g in gates.items():
-        check_gate(name, g, B, T, H)
+        check_gate(name, g, B, T, H, hi=memory.gates[name].hi)
     return gates
 
 
@@ -245,8 +242,6 @@ def prepare_call(
 ) -> tuple[MCOptions, dict[str, torch.Tensor], MCState, torch.dtype]:
     """The checks and set-up shared by every Memory Caching entry point: validated options, gates, the
     state to start from (fresh or continued, in the compute dtype) and the compute dtype."""
-    from mcrnn.ops.utils import check_qkv, compute_dtype
-
     B, T, H, K, V = check_qkv(q, k, v)
     Ks = check_summary_keys(q, u, summary_keys, B, T, H, K)
     opts = make_options(**settings, boundaries=boundaries, K=K, V=V, H=H, Ks=Ks)
