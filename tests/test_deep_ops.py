@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mcrnn.ops import get_memory
 from mcrnn.ops.deep import MOMENTUM, DLAMemory, TitansMemory, state_keys
 from mcrnn.ops.dla import chunk_dla, naive_dla
 from mcrnn.ops.linear import chunk_linear
-from mcrnn.ops import get_memory
 from mcrnn.ops.titans import chunk_titans, naive_titans
 
 OPS = {"dla": (naive_dla, chunk_dla), "titans": (naive_titans, chunk_titans)}
