@@ -8,22 +8,7 @@ from torch import nn
 
 from mcrnn.layers.cache import MCCache
 from mcrnn.layers.utils import RMSNorm, ShortConvolution, check_padding_mask
-from mcrnn.ops import AGGREGATIONS, INITS, get_memory, memory_caching
-
-#: aggregations that score the cached memories with `u` (the others have no parameters)
-SCORED = ("grm", "soup", "ssc")
-
-#: what the scores of the cached memories see: "context" = `<u_t, p_i>` with `p_i` the mean key of segment i
-#: (SPEC §2.3); "input" = `u_t · (mean position of segment i) / segment_size` (the ablation of the paper's
-#: context-dependent gates: the weights depend on the current token and the segments' age only)
-CACHE_SCORES = ("context", "input")
-
-#: initial bias of each gate: the gates start near "remember" (decay, prev/cur near 1, forgetting near 0)
-GATE_BIAS = {"decay": 3.0, "prev": 3.0, "cur": 3.0, "lr": 0.0, "momentum": 0.0, "forget": -3.0}
-
-#: gate values on padded tokens: together with zero keys and values they leave the memory unchanged (left
-#: padding). `titans` momentum: 0 keeps a zero momentum at zero; mid-sequence padding resets the momentum.
-GATE_ON_PAD = {"decay": 1.0, "prev": 0.0, "cur": 0.0, "lr": 0.0, "momentum": 0.0, "forget": 0.0}
+from mcrnn.ops import MCSpec, memory_caching
 
 
 class GateLinear(nn.Linear):
@@ -36,19 +21,6 @@ class GateLinear(nn.Linear):
     def reset_parameters(self) -> None:
         super().reset_parameters()
         nn.init.constant_(self.bias, self.bias_init)
-
-
-def init_memory_params(params: nn.ParameterDict, std: float = 0.02, init=nn.init) -> None:
-    """W_0 of a deep memory. Depth 1: `W = 0` (the memory starts as linear attention does). MLP:
-    `W1 ~ N(0, std)` (f_W starts close to the identity) and `W2 ~ N(0, 1/E)`, so that `a = gelu(W2 k)` has a
-    small norm for unit keys: the inner gradient step on W1 has curvature `‖a‖²`, and `θ‖a‖² > 2` makes the
-    online update diverge (with `W2 ~ N(0, 1)` Titans overflows within a few tokens). `init` is
-    `torch.nn.init` or HF's `transformers.initialization` (which skips loaded weights)."""
-    if "W1" in params:
-        init.normal_(params["W1"], mean=0.0, std=std)
-        init.normal_(params["W2"], mean=0.0, std=params["W2"].shape[1] ** -0.5)
-    if "W" in params:
-        init.zeros_(params["W"])
 
 
 class MemoryCachingAttention(nn.Module):
@@ -92,23 +64,23 @@ class MemoryCachingAttention(nn.Module):
         norm_eps: float = 1e-6,
         layer_idx: int | None = None,
         cache_scores: str = "context",
+        spec: MCSpec | None = None,
     ):
         super().__init__()
-        self.mem = get_memory(memory)  # ValueError naming `memory` if unknown
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown `aggregation` {aggregation!r}: choose one of {list(AGGREGATIONS)}")
-        if init not in INITS:
-            raise ValueError(f"unknown `init` {init!r}: choose one of {list(INITS)}")
-        check_cache_scores(cache_scores, aggregation, use_u)
-        self.cache_scores = cache_scores
+        if spec is None:
+            spec = MCSpec(memory=memory, aggregation=aggregation, segment_size=segment_size,
+                          segmentation=segmentation, init=init, top_k=top_k, mini_batch=mini_batch,
+                          cache_scores=cache_scores, use_u=use_u, memory_depth=memory_depth, expansion=expansion)
+        elif not isinstance(spec, MCSpec):
+            raise ValueError(f"`spec` must be an mcrnn.ops.MCSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.mem = spec.mem
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = head_dim or hidden_size // num_heads
         self.head_v_dim = head_v_dim or self.head_dim
-        self.memory, self.aggregation, self.segment_size = memory, aggregation, segment_size
-        self.segmentation, self.init, self.top_k = segmentation, init, top_k
-        self.mini_batch = mini_batch if self.mem.deep else None
-        self.use_u, self.layer_idx = use_u, layer_idx
+        self.layer_idx = layer_idx
         H, K, V = num_heads, self.head_dim, self.head_v_dim
+        spec.check_dims(K, V)
 
         self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
         self.k_proj = nn.Linear(hidden_size, H * K, bias=False)
@@ -116,44 +88,41 @@ class MemoryCachingAttention(nn.Module):
         # `u` exists only where it is read: a model trained with a parameter-free aggregation ("none",
         # "residual", "mean") has the same parameters under any other parameter-free one (post-training MC).
         # Input-only scores read a scalar summary (the position), so `u` is one scalar per head.
-        self.score_dim = 1 if cache_scores == "input" else K
+        self.score_dim = 1 if spec.cache_scores == "input" else K
         self.u_proj = (nn.Linear(hidden_size, H * self.score_dim, bias=False)
-                       if (use_u and aggregation in SCORED) else None)
+                       if (spec.use_u and spec.scored) else None)
         self.conv = ShortConvolution(H * (2 * K + V), conv_size)
-        self.gate_names = tuple(self.mem.gate_names)
+        self.gate_names = self.mem.gate_names
         self.gates = nn.ModuleDict(
-            {n: GateLinear(hidden_size, H, GATE_BIAS.get(n, 0.0)) for n in self.gate_names}
+            {n: GateLinear(hidden_size, H, g.init_bias) for n, g in self.mem.gates.items()}
         )
-        self.memory_params = nn.ParameterDict()
-        if self.mem.deep:
-            if memory_depth == 1:
-                self.memory_params["W"] = nn.Parameter(torch.zeros(H, V, K))
-            elif memory_depth == 2:
-                if K != V:
-                    raise ValueError(
-                        f"memory {memory!r} with memory_depth=2 needs head_v_dim == head_dim, got {V} != {K}"
-                    )
-                E = expansion * K
-                self.memory_params["W1"] = nn.Parameter(torch.zeros(H, V, E))
-                self.memory_params["W2"] = nn.Parameter(torch.zeros(H, E, K))
-            else:
-                raise ValueError(f"`memory_depth` must be 1 or 2, got {memory_depth!r}")
+        self.memory_params = nn.ParameterDict(
+            {n: nn.Parameter(x) for n, x in self.mem.make_params(
+                H, K, V, memory_depth=spec.memory_depth, expansion=spec.expansion).items()}
+        )
         self.o_norm = RMSNorm(V, eps=norm_eps)
         self.g_proj = nn.Linear(hidden_size, H * V, bias=False)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
         self.reset_memory_parameters()
 
-    def reset_memory_parameters(self, std: float = 0.02) -> None:
-        """The deep memory's W_0 (:func:`init_memory_params`)."""
-        init_memory_params(self.memory_params, std)
+    # the settings, read from the spec (one source of truth)
+    memory = property(lambda self: self.spec.memory)
+    aggregation = property(lambda self: self.spec.aggregation)
+    segment_size = property(lambda self: self.spec.segment_size)
+    segmentation = property(lambda self: self.spec.segmentation)
+    init = property(lambda self: self.spec.init)
+    top_k = property(lambda self: self.spec.top_k)
+    mini_batch = property(lambda self: self.spec.mini_batch)
+    cache_scores = property(lambda self: self.spec.cache_scores)
+    use_u = property(lambda self: self.spec.use_u)
+
+    def reset_memory_parameters(self, std: float = 0.02, init=nn.init) -> None:
+        """The memory's learned parameters (e.g. a deep memory's W_0), as the memory initialises them; `init` is
+        `torch.nn.init` or HF's `transformers.initialization` (which skips loaded weights)."""
+        self.mem.init_params(self.memory_params, std, init=init)
 
     def op_kwargs(self) -> dict:
-        return dict(
-            memory=self.memory, segment_size=self.segment_size, segmentation=self.segmentation,
-            init=self.init,
-            aggregation=self.aggregation, top_k=self.top_k, mini_batch=self.mini_batch,
-            params=dict(self.memory_params) if self.mem.deep else None,
-        )
+        return dict(spec=self.spec, params=dict(self.memory_params) if len(self.memory_params) else None)
 
     def forward(
         self,
@@ -196,12 +165,13 @@ class MemoryCachingAttention(nn.Module):
             pos = torch.arange(t0, t0 + T, device=x.device, dtype=dt) / self.segment_size
             summary_keys = pos.view(1, T, 1, 1).expand(B, T, H, 1)
         # gates in float32: a bfloat16 sigmoid cannot resolve decays close to 1
-        gates = {n: torch.sigmoid(lin(x).float()) for n, lin in self.gates.items()}
+        spec_gates = self.mem.gates
+        gates = {n: _scaled_sigmoid(lin(x).float(), spec_gates[n].hi) for n, lin in self.gates.items()}
         if keep is not None:
             m = keep[:, :, None, None]
             k, v = k * m.to(k.dtype), v * m.to(v.dtype)
             kg = keep[..., None]  # [B, T, 1]
-            gates = {n: torch.where(kg, g, torch.full_like(g, GATE_ON_PAD[n])) for n, g in gates.items()}
+            gates = {n: torch.where(kg, g, torch.full_like(g, spec_gates[n].on_pad)) for n, g in gates.items()}
 
         want_state = state is not None and use_cache
         o, mc_state = memory_caching(
@@ -222,17 +192,6 @@ class MemoryCachingAttention(nn.Module):
                 f"K={self.head_dim}, V={self.head_v_dim}")
 
 
-def check_cache_scores(cache_scores: str, aggregation: str, use_u: bool) -> None:
-    """ValueError naming `cache_scores` unless it is one of CACHE_SCORES and fits the aggregation and `use_u`."""
-    if cache_scores not in CACHE_SCORES:
-        raise ValueError(f"unknown `cache_scores` {cache_scores!r}: choose one of {list(CACHE_SCORES)}")
-    if cache_scores == "input":
-        if aggregation not in SCORED:
-            raise ValueError(
-                f"`cache_scores='input'` needs a scored aggregation {list(SCORED)}, got aggregation={aggregation!r} "
-                "(its caches have no scores): use cache_scores='context'"
-            )
-        if not use_u:
-            raise ValueError(
-                "`cache_scores='input'` needs `use_u=True`: its score query is one scalar per head, `u = q` cannot be"
-            )
+def _scaled_sigmoid(x: torch.Tensor, hi: float) -> torch.Tensor:
+    """A gate in [0, hi] (hi = 2: the delta rule's β with negative eigenvalues)."""
+    return torch.sigmoid(x) if hi == 1.0 else hi * torch.sigmoid(x)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 from transformers import PretrainedConfig
+
+from mcrnn.ops import MCSpec
 
 MIXERS = ("mc", "attention")
 #: segmentations a model can use (explicit `boundaries` are per call, so they are for the op, not a config)
@@ -85,7 +89,10 @@ class MCConfig(PretrainedConfig):
         self.segment_size = segment_size
         self.segmentation = segmentation
         self.init = init
-        self.ssc_top_k = top_k if top_k is not None else ssc_top_k
+        if ssc_top_k is not None:  # configs saved before `top_k` had its own name
+            warnings.warn("`ssc_top_k` is deprecated: use `top_k`", FutureWarning, stacklevel=2)
+            top_k = ssc_top_k if top_k is None else top_k
+        self.top_k = top_k
         self.mini_batch = mini_batch
         if intermediate_size is None and _is_int(hidden_size):
             intermediate_size = 32 * ((8 * hidden_size // 3 + 31) // 32)
@@ -110,21 +117,12 @@ class MCConfig(PretrainedConfig):
         )
         self.validate()
 
-    # `top_k` is stored (and saved) as `ssc_top_k`: under its own name the SSC router size would be read by
-    # `GenerationConfig.from_model_config` as the sampling `top_k`, and `save_pretrained`/`generate` refuse
-    # model configs that hold generation parameters
-    @property
-    def top_k(self) -> int | None:
-        """SSC: how many cached memories each token reads (saved as `ssc_top_k`)."""
-        return self.ssc_top_k
-
-    @top_k.setter
-    def top_k(self, value: int | None) -> None:
-        self.ssc_top_k = value
-
+    # `top_k` (the SSC router size) is a generation parameter's name too: transformers refuses to save a model
+    # config holding generation parameters, so the check skips it (`MCPreTrainedModel` keeps it out of the
+    # generation config as well)
     def _get_generation_parameters(self) -> dict:
         params = super()._get_generation_parameters()
-        params.pop("top_k", None)  # the SSC router size, not a sampling parameter (see `top_k`)
+        params.pop("top_k", None)
         return params
 
     # ---- derived -----------------------------------------------------------------------------------------
@@ -139,16 +137,21 @@ class MCConfig(PretrainedConfig):
     def head_v_dim(self) -> int:
         return int(self.head_dim * self.expand_v)
 
+    @property
+    def mc_spec(self) -> MCSpec:
+        """The Memory Caching settings of the MC layers, validated (:class:`mcrnn.ops.MCSpec`)."""
+        return MCSpec(memory=self.memory, aggregation=self.aggregation, segment_size=self.segment_size,
+                      segmentation=self.segmentation, init=self.init, top_k=self.top_k, mini_batch=self.mini_batch,
+                      cache_scores=self.cache_scores, use_u=self.use_u, memory_depth=self.memory_depth,
+                      expansion=self.expansion)
+
     # ---- validation ----------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ValueError naming the first bad field. Called on construction and by the model (so that
         fields changed after construction, e.g. by `from_pretrained(path, aggregation=...)`,
-        are checked too)."""
-        from mcrnn.ops import AGGREGATIONS, INITS, MEMORIES
-
+        are checked too). The Memory Caching settings are checked by :class:`mcrnn.ops.MCSpec`."""
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "intermediate_size",
-                     "head_dim", "segment_size", "mini_batch", "expansion", "conv_size",
-                     "max_position_embeddings"):
+                     "head_dim", "conv_size", "max_position_embeddings"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
@@ -163,25 +166,13 @@ class MCConfig(PretrainedConfig):
             bad = [self.mixer] if self.mixer not in MIXERS else []
         if bad:
             raise ValueError(f"unknown `mixer` {bad[0]!r}: choose one of {list(MIXERS)} (or a list of them)")
-        if self.memory not in MEMORIES:
-            raise ValueError(f"unknown `memory` {self.memory!r}: choose one of {sorted(MEMORIES)}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"unknown `aggregation` {self.aggregation!r}: choose one of {list(AGGREGATIONS)}"
-            )
-        if self.segmentation not in MODEL_SEGMENTATIONS:
+        spec = self.mc_spec
+        if spec.segmentation not in MODEL_SEGMENTATIONS:
             raise ValueError(
                 f"unknown `segmentation` {self.segmentation!r}: a model takes one of "
                 f"{list(MODEL_SEGMENTATIONS)} "
-                "(explicit boundaries are per call: use mcrnn.ops.mc)"
+                "(explicit boundaries are per call: use mcrnn.ops.memory_caching)"
             )
-        if self.init not in INITS:
-            raise ValueError(f"unknown `init` {self.init!r}: choose one of {list(INITS)}")
-        if self.aggregation == "ssc":
-            if not _is_int(self.top_k) or self.top_k < 1:
-                raise ValueError(f"`top_k` must be an integer >= 1 for aggregation='ssc', got {self.top_k!r}")
-        elif self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise ValueError(f"`top_k` must be None or an integer >= 1, got {self.top_k!r}")
         ev = self.expand_v
         if not isinstance(ev, (int, float)) or isinstance(ev, bool) or ev <= 0:
             raise ValueError(f"`expand_v` must be a positive number, got {self.expand_v!r}")
@@ -189,29 +180,11 @@ class MCConfig(PretrainedConfig):
             raise ValueError(
                 f"`expand_v` ({self.expand_v}) times head_dim ({self.head_dim}) must be an integer >= 1"
             )
-        if self.memory_depth not in (1, 2):
-            raise ValueError(f"`memory_depth` must be 1 or 2, got {self.memory_depth!r}")
-        if not isinstance(self.use_u, bool):
-            raise ValueError(f"`use_u` must be a bool, got {self.use_u!r}")
-        from mcrnn.layers.mc_attention import check_cache_scores
-
-        check_cache_scores(self.cache_scores, self.aggregation, self.use_u)
         for name in ("norm_eps", "initializer_range", "rope_theta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive number, got {value!r}")
         if "attention" in self.layer_mixers and self.head_dim % 2:
             raise ValueError(f"`head_dim` must be even for the RoPE of attention layers, got {self.head_dim}")
-        if "mc" in self.layer_mixers and MEMORIES[self.memory].deep:
-            if self.memory_depth == 2 and self.head_v_dim != self.head_dim:
-                raise ValueError(
-                    f"`expand_v` must be 1 for memory={self.memory!r} with memory_depth=2 (the residual MLP "
-                    f"maps K to "
-                    f"V = K), got head_v_dim={self.head_v_dim} != head_dim={self.head_dim}"
-                )
-            if self.segment_size % self.mini_batch:
-                raise ValueError(
-                    f"`segment_size` ({self.segment_size}) must be a multiple of `mini_batch` "
-                    f"({self.mini_batch}) "
-                    f"for memory={self.memory!r}, so that mini-batches do not straddle segments"
-                )
+        if "mc" in self.layer_mixers:
+            spec.check_dims(self.head_dim, self.head_v_dim)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from mcrnn.layers import Attention, MCCache, MemoryCachingAttention, RMSNorm, ShortConvolution
-from mcrnn.layers.mc_attention import init_memory_params
 from mcrnn.layers.utils import check_padding_mask
 from mcrnn.models.configuration_mcrnn import MCConfig
 
@@ -45,11 +44,7 @@ def make_mixer(config: MCConfig, layer_idx: int) -> nn.Module:
         )
     return MemoryCachingAttention(
         config.hidden_size, config.num_heads, head_dim=config.head_dim, head_v_dim=config.head_v_dim,
-        memory=config.memory, aggregation=config.aggregation, segment_size=config.segment_size,
-        segmentation=config.segmentation, init=config.init, top_k=config.top_k, mini_batch=config.mini_batch,
-        expansion=config.expansion, memory_depth=config.memory_depth, use_u=config.use_u,
-        conv_size=config.conv_size, norm_eps=config.norm_eps, layer_idx=layer_idx,
-        cache_scores=config.cache_scores,
+        spec=config.mc_spec, conv_size=config.conv_size, norm_eps=config.norm_eps, layer_idx=layer_idx,
     )
 
 
@@ -91,13 +86,26 @@ class MCPreTrainedModel(PreTrainedModel):
     # recurrent states cannot be rolled back: no assisted generation
     _is_stateful = True
 
+    def __init__(self, config: MCConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        # `config.top_k` is the SSC router size: the generation config copies model-config fields of the same
+        # name, and must not take it as the sampling `top_k`
+        gen = getattr(self, "generation_config", None)
+        if gen is not None and config.top_k is not None and gen.top_k == config.top_k:
+            gen.top_k = GenerationConfig().top_k
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`; config fields can be overridden as keywords (e.g.
-        `aggregation="mean", init="independent", segment_size=L` for post-training MC). `top_k` is passed
-        on as `ssc_top_k`, so that it is not also taken as the sampling `top_k` of the generation config."""
-        if "top_k" in kwargs:
-            kwargs["ssc_top_k"] = kwargs.pop("top_k")
+        `aggregation="mean", init="independent", segment_size=L` for post-training MC, or `top_k`)."""
+        if "top_k" in kwargs and kwargs.get("config") is None and args:
+            # transformers would also take a `top_k` keyword as the sampling parameter of the generation config:
+            # build the model config here, so that it goes to the config only
+            top_k = kwargs.pop("top_k")
+            config, kwargs = cls.config_class.from_pretrained(args[0], return_unused_kwargs=True, **kwargs)
+            config.top_k = top_k
+            config.validate()
+            kwargs["config"] = config
         return super().from_pretrained(*args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -105,7 +113,7 @@ class MCPreTrainedModel(PreTrainedModel):
         if isinstance(module, nn.Linear):
             hf_init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                # gate biases start at "remember" values (GATE_BIAS), other biases at 0
+                # gate biases start at the memory's "remember" values (`Gate.init_bias`), other biases at 0
                 hf_init.constant_(module.bias, getattr(module, "bias_init", 0.0))
         elif isinstance(module, nn.Embedding):
             hf_init.normal_(module.weight, mean=0.0, std=std)
@@ -115,7 +123,7 @@ class MCPreTrainedModel(PreTrainedModel):
             # unit gain per channel: each output is a sum of `kernel_size` inputs
             hf_init.normal_(module.weight, mean=0.0, std=module.kernel_size**-0.5)
         if isinstance(module, MemoryCachingAttention):
-            init_memory_params(module.memory_params, std, init=hf_init)
+            module.reset_memory_parameters(std, init=hf_init)
 
 
 class MCModel(MCPreTrainedModel):
