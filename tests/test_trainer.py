@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import yaml
 
 from mcrnn.train import load_config, lr_factor, parse_overrides, train
 from mcrnn.train import trainer as T
+from mcrnn.train.data import make_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,6 +122,36 @@ def test_resume_is_bit_for_bit(tmp_path):
     a, b = final_params(tmp_path / "full"), final_params(cut.train.out_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["eval_acc"] == full["eval_acc"] and resumed["step"] == full["step"] == 6
+
+
+def test_trainer_loss_is_the_models_loss(tmp_path, monkeypatch):
+    initial = {}
+    build = T.build_model
+
+    def build_and_remember(model_cfg, vocab_size):
+        model = build(model_cfg, vocab_size)
+        initial["state"] = copy.deepcopy(model.state_dict())
+        return model
+
+    monkeypatch.setattr(T, "build_model", build_and_remember)
+    cfg = load_config(None, tiny(tmp_path, train={"steps": 1, "warmup": 1, "grad_accum": 2, "eval_every": 0}))
+    res = train(cfg)
+
+    def model_loss(model, x, y):
+        # the trainer's labels are pre-shifted (y[t] is the target of x[t]); the model's `labels=` are aligned
+        # with its inputs, so the same targets are [x | any token] with labels [-100 | y]
+        ids = torch.cat([x, torch.zeros_like(x[:, :1])], 1)
+        labels = torch.cat([torch.full_like(y[:, :1], -100), y], 1)
+        with torch.no_grad():
+            return float(model(input_ids=ids, labels=labels, use_cache=False).loss)
+
+    batches = make_batches(cfg.data, cfg.train.seed)
+    model = build(cfg.model, batches.vocab_size).eval()
+    model.load_state_dict(initial["state"])  # the weights of step 1's forward
+    x, y = batches.global_batch(0, cfg.train.batch_size)
+    assert train_losses(cfg.train.out_dir)[0] == pytest.approx(model_loss(model, x, y), rel=1e-5)
+    model.load_state_dict(final_params(cfg.train.out_dir))
+    assert res["eval_loss"] == pytest.approx(model_loss(model, *batches.eval_set()), rel=1e-5)
 
 
 def test_resume_refuses_nan_checkpoint(tmp_path):

@@ -9,7 +9,6 @@ from .corpus import (
     DOC_SEPARATOR,
     TEST_PLAYS,
     VALID_PLAYS,
-    data_dir,
     download_sdist,
     load_corpus,
     load_documents,
@@ -19,6 +18,7 @@ from .corpus import (
 from .mqar import IGNORE_INDEX, MQARDataset, mqar, mqar_accuracy, mqar_splits, mqar_spread, split_seeds
 from .niah import niah_batch, niah_exact_match, niah_example
 from .packing import TextDataset, pack, pack_causal, pack_remainder
+from .paths import data_dir
 from .tokenization import BPETokenizer, ByteTokenizer, bpe_path, get_tokenizer, load_bpe, train_bpe
 
 __all__ = [

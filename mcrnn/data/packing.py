@@ -18,7 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from .corpus import load_documents
 from .mqar import IGNORE_INDEX
+from .tokenization import ByteTokenizer
 
 
 def _as_tensor(token_ids) -> torch.Tensor:
@@ -93,9 +95,6 @@ class TextDataset(Dataset):
 
     def __init__(self, split: str = "train", tokenizer=None, seq_len: int = 512, source: str = "gutenberg",
                  pad_remainder: bool = False, root: str | os.PathLike | None = None, download: bool = True):
-        from .corpus import load_documents
-        from .tokenization import ByteTokenizer
-
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         docs = load_documents(split, source, download=download, root=root)
         ids: list[int] = []

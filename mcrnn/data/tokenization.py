@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .paths import data_dir
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -69,8 +71,6 @@ class BPETokenizer:
 
 def bpe_path(vocab_size: int, root: str | os.PathLike | None = None) -> Path:
     """Cache file of the corpus BPE with ``vocab_size``: ``<data_dir>/bpe-<vocab_size>.json``."""
-    from .corpus import data_dir
-
     return (Path(root) if root is not None else data_dir()) / f"bpe-{vocab_size}.json"
 
 

@@ -35,9 +35,9 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 
-from mcrnn.data.mqar import IGNORE_INDEX
+from mcrnn.data import IGNORE_INDEX, TextDataset, get_tokenizer, pack_causal
+from mcrnn.models import MCForCausalLM, causal_lm_loss
 from mcrnn.train.config import Config
 
 DEFAULT_MULTIPLIERS = (1, 2, 4, 8)
@@ -127,16 +127,6 @@ def bucket_edges(buckets: int | list[int], seq_len: int) -> list[int]:
     return edges
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token next-token NLL ``[N, L]`` (0 where ignored) and the labelled mask ``bool [N, L]``.
-
-    ``logits: [N, L, V]`` scored against ``labels: [N, L]`` (already shifted, ``-100`` ignored), in float32.
-    """
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                          reduction="none").view(labels.shape)
-    return nll, labels != IGNORE_INDEX
-
-
 class LMStats:
     """Token-weighted sums for the metrics of windows of one length, accumulated batch by batch."""
 
@@ -195,8 +185,8 @@ def lm_metrics(logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tens
         buckets: number of equal position buckets of ``[0, L)``, or explicit edges.
     """
     stats = LMStats(labels.shape[1], buckets)
-    nll, valid = token_nll(logits, labels)
-    stats.add(nll, valid, ar_hit_mask(input_ids, labels))
+    nll = causal_lm_loss(logits, shift_labels=labels, reduction="none")
+    stats.add(nll, labels != IGNORE_INDEX, ar_hit_mask(input_ids, labels))
     return stats.result()
 
 
@@ -212,8 +202,6 @@ def with_post_training_mc(model, segment_size: int):
     weight is reused and nothing new is initialised. On inputs of at most ``segment_size`` tokens the new
     model equals the old one (one segment: the mean of one memory).
     """
-    from mcrnn.models import MCForCausalLM
-
     cfg = model.config
     if "mc" not in cfg.layer_mixers:
         raise ValueError("post-training MC needs at least one recurrent (mixer 'mc') layer")
@@ -247,8 +235,8 @@ def measure(model, inputs: torch.Tensor, labels: torch.Tensor, buckets: int | li
         for i in range(0, inputs.shape[0], bs):
             x, y = inputs[i:i + bs], labels[i:i + bs]
             logits = model(input_ids=x.to(device), use_cache=False).logits
-            nll, valid = token_nll(logits, y.to(device))
-            stats.add(nll.cpu(), valid.cpu(), ar_hit_mask(x, y) if ar else None)
+            nll = causal_lm_loss(logits, shift_labels=y, reduction="none")
+            stats.add(nll.cpu(), y != IGNORE_INDEX, ar_hit_mask(x, y) if ar else None)
     finally:
         model.train(was_training)
     return stats.result()
@@ -256,18 +244,10 @@ def measure(model, inputs: torch.Tensor, labels: torch.Tensor, buckets: int | li
 
 def _tokens(cfg: Config, split: str) -> torch.Tensor:
     """The token stream ``[T]`` of one corpus split, tokenised as in training (documents joined by EOS)."""
-    from mcrnn.data import TextDataset, get_tokenizer
-
     d = cfg.data
     tok = get_tokenizer(d.tokenizer, d.bpe_vocab_size)
     # seq_len is irrelevant here: only the token stream is kept and packed again per length
     return TextDataset(split, tok, d.seq_len, source=d.source).tokens
-
-
-def _windows(tokens: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from mcrnn.data.packing import pack_causal
-
-    return pack_causal(tokens, length)
 
 
 def evaluate(model, cfg: Config, spec: dict, variant: str) -> list[dict]:
@@ -281,7 +261,7 @@ def evaluate(model, cfg: Config, spec: dict, variant: str) -> list[dict]:
     tokens = _tokens(cfg, split)
 
     # 1-3: perplexity, loss by position and AR hits at the training length
-    x, y = _windows(tokens, L)
+    x, y = pack_causal(tokens, L)
     if spec.get("num_windows"):
         x, y = x[:int(spec["num_windows"])], y[:int(spec["num_windows"])]
     if x.shape[0] == 0:
@@ -311,7 +291,7 @@ def evaluate(model, cfg: Config, spec: dict, variant: str) -> list[dict]:
         models.append(("post_training_mc", with_post_training_mc(model, L)))
     for mode, m_model in models:
         for m in fits:
-            xm, ym = _windows(span, m * L)
+            xm, ym = pack_causal(span, m * L)
             rm = measure(m_model, xm, ym, buckets=1, batch_tokens=batch_tokens, ar=False)
             rows.append({"metric": "ppl_extrapolation", "seq_len": m * L, "multiplier": m, "mode": mode,
                          "value": rm["ppl"], "loss": rm["loss"], "tokens": rm["tokens"], "windows": xm.shape[0]})

@@ -8,6 +8,7 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from mcrnn.data import IGNORE_INDEX
 from mcrnn.layers import Attention, MCCache, MemoryCachingAttention, RMSNorm, ShortConvolution
 from mcrnn.layers.utils import check_padding_mask
 from mcrnn.models.configuration_mcrnn import MCConfig
@@ -21,6 +22,50 @@ try:  # respects the `_is_hf_initialized` flags, so loaded weights are never re-
     from transformers import initialization as hf_init
 except ImportError:  # pragma: no cover
     hf_init = nn.init
+
+
+LOSS_REDUCTIONS = ("mean", "sum", "none")
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    shift_labels: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Next-token cross-entropy in float32, positions labelled `-100` ignored: the loss of every mcrnn model,
+    trainer and evaluation.
+
+    Args:
+        logits: `[B, T, V]` (any float dtype; scored in float32).
+        labels: `[B, T]` aligned with the inputs (Hugging Face's convention, what `model(labels=...)` takes):
+            `logits[:, t]` is scored against `labels[:, t + 1]`, so the last position scores nothing.
+        shift_labels: `[B, T]` already shifted (the convention of :mod:`mcrnn.data`): `logits[:, t]` is
+            scored against `shift_labels[:, t]`. Give exactly one of `labels` and `shift_labels`.
+        reduction: `"mean"` over the labelled positions (NaN when there is none), `"sum"`, or `"none"`:
+            the per-position losses `[B, T]` aligned with the shifted labels (0 where ignored, and at the
+            last position for `labels`).
+    """
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("causal_lm_loss: give exactly one of `labels` (aligned with the inputs) and "
+                         "`shift_labels` (already shifted)")
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"causal_lm_loss: `reduction` must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
+    if logits.dim() != 3:
+        raise ValueError(f"causal_lm_loss: `logits` must be [B, T, V], got shape {tuple(logits.shape)}")
+    given, name = (labels, "labels") if labels is not None else (shift_labels, "shift_labels")
+    if given.shape != logits.shape[:2]:
+        raise ValueError(f"causal_lm_loss: `{name}` must have the shape {tuple(logits.shape[:2])} of the "
+                         f"logits' first two dimensions, got {tuple(given.shape)}")
+    if labels is not None:  # the target of position t is labels[t + 1]; the last position gets none
+        logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten().to(logits.device),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
+    if reduction != "none":
+        return loss
+    loss = loss.view(shift_labels.shape)
+    return F.pad(loss, (0, 1)) if labels is not None else loss
 
 
 class SwiGLU(nn.Module):
@@ -277,8 +322,9 @@ class MCForCausalLM(MCPreTrainedModel, GenerationMixin):
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """`labels: [B, T]` unshifted (token t predicts label t + 1; -100 is ignored). `logits_to_keep`: an
-        int n > 0 keeps the logits of the last n tokens, a 1-D tensor keeps those positions, 0 keeps all.
+        """`labels: [B, T]` unshifted (token t predicts label t + 1; -100 is ignored; see :func:`causal_lm_loss`).
+        `logits_to_keep`: an int n > 0 keeps the logits of the last n tokens, a 1-D tensor keeps those
+        positions, 0 keeps all.
         `num_items_in_batch` (from the HF Trainer under gradient accumulation): the loss is the sum over the
         labels divided by it instead of the mean."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -301,13 +347,10 @@ class MCForCausalLM(MCPreTrainedModel, GenerationMixin):
                     f"`labels` must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}"
                 )
             full = logits if kept.shape[1] == hidden_states.shape[1] else self.lm_head(hidden_states)
-            shift_logits = full[:, :-1].float().reshape(-1, full.shape[-1])
-            shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
             if num_items_in_batch is None:
-                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+                loss = causal_lm_loss(full, labels)
             else:
-                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-                loss = loss / num_items_in_batch
+                loss = causal_lm_loss(full, labels, reduction="sum") / num_items_in_batch
         if not return_dict:
             output = (logits, out.cache, out.hidden_states)
             output = tuple(x for x in output if x is not None)

@@ -5,14 +5,15 @@ accumulation micro-batches; rank ``r`` takes its contiguous slice and cuts it in
 process on batch ``2B`` and two DDP processes on ``B`` each see exactly the same rows.
 
 Every batch is ``(inputs [B, L], labels [B, L])`` int64 with labels already shifted (the logits at ``t``
-are scored against ``labels[t]``; ``-100`` is ignored), the convention of :mod:`mcrnn.data`.
+are scored against ``labels[t]``; ``-100`` is ignored), the convention of :mod:`mcrnn.data`; the trainer
+scores them with ``mcrnn.models.causal_lm_loss(logits, shift_labels=labels)``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mcrnn.data import mqar, mqar_spread, niah_batch, split_seeds
+from mcrnn.data import ByteTokenizer, TextDataset, get_tokenizer, mqar, mqar_spread, niah_batch, split_seeds
 
 from .config import DataConfig, kv_pairs, niah_variants
 
@@ -63,8 +64,6 @@ class TextBatches:
     """Random windows of the packed train split (drawn with a generator seeded by the step)."""
 
     def __init__(self, cfg: DataConfig, seed: int):
-        from mcrnn.data import TextDataset, get_tokenizer
-
         self.cfg, self.seed = cfg, seed
         tok = get_tokenizer(cfg.tokenizer, cfg.bpe_vocab_size)
         self.vocab_size = tok.vocab_size
@@ -94,8 +93,6 @@ class NIAHBatches:
     """
 
     def __init__(self, cfg: DataConfig, seed: int):
-        from mcrnn.data import ByteTokenizer
-
         self.cfg, self.seed = cfg, seed
         self.variants = niah_variants(cfg)
         self.vocab_size = ByteTokenizer.vocab_size

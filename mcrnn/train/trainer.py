@@ -25,25 +25,25 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
+from tqdm.auto import tqdm
 
 from mcrnn.data import IGNORE_INDEX
+from mcrnn.models import MCConfig, MCForCausalLM, causal_lm_loss
 
 from .config import Config
 from .data import make_batches, shard
+
+try:  # numpy is optional: nothing of ours draws from it, but its generator state is checkpointed if present
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
 
 CKPT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
 
 
 # --- small pieces -----------------------------------------------------------------------------------------
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over labelled positions; labels are already shifted (`logits[t]` ↔ `labels[t]`)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
 
 
 def lr_factor(step: int, warmup: int, steps: int, min_ratio: float) -> float:
@@ -56,8 +56,6 @@ def lr_factor(step: int, warmup: int, steps: int, min_ratio: float) -> float:
 
 def build_model(model_cfg: dict, vocab_size: int):
     """``MCForCausalLM(MCConfig(**model_cfg))``, the vocabulary defaulting to the data's."""
-    from mcrnn.models import MCConfig, MCForCausalLM
-
     kw = dict(model_cfg)
     kw.setdefault("vocab_size", vocab_size)
     if kw["vocab_size"] < vocab_size:
@@ -95,7 +93,7 @@ def evaluate(model, inputs, labels, batch_size: int, device, amp) -> dict:
         n = int(mask.sum())
         if n == 0:
             continue
-        loss_sum += float(lm_loss(logits, y)) * n
+        loss_sum += float(causal_lm_loss(logits, shift_labels=y)) * n
         correct += int(((logits.argmax(-1) == y) & mask).sum())
         total += n
     model.train(was_training)
@@ -111,9 +109,7 @@ def _rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional: nothing of ours draws from it
+    if np is None:
         return state
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     # a tensor, not an ndarray, so the checkpoint loads with torch.load(weights_only=True)
@@ -126,9 +122,7 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
+    if "numpy" in state and np is not None:
         name, keys, pos, has_gauss, gauss = state["numpy"]
         np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
 
@@ -289,8 +283,6 @@ def train(cfg: Config, resume: bool | str | Path = False, stop_at: int | None = 
             write({"step": step, **res})
         return res
 
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=t.steps, initial=step, disable=not (master and t.progress), dynamic_ncols=True,
                desc="train")
     last = stop_at if stop_at is not None else t.steps
@@ -314,7 +306,7 @@ def train(cfg: Config, resume: bool | str | Path = False, stop_at: int | None = 
             with sync:
                 with amp:
                     logits = net(input_ids=x, use_cache=False).logits
-                loss_sum = lm_loss(logits, y, reduction="sum")
+                loss_sum = causal_lm_loss(logits, shift_labels=y, reduction="sum")
                 # DDP averages the gradients over ranks, hence the factor `world`
                 (loss_sum * (world / n_labels)).backward()
             step_loss += loss_sum.item() / n_labels  # this rank's share of the global mean
