@@ -105,14 +105,7 @@ class MCSpec:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> MCSpec:
-        """Build a spec from keyword arguments, accepting the deprecated `ssc_top_k` for `top_k`."""
-        if "ssc_top_k" in kwargs:
-            import warnings
-
-            old = kwargs.pop("ssc_top_k")
-            warnings.warn("`ssc_top_k` is deprecated: use `top_k`", FutureWarning, stacklevel=3)
-            if kwargs.get("top_k") is None:
-                kwargs["top_k"] = old
+        """Build a spec from keyword arguments (those that are not spec fields are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in kwargs.items() if k in names})
 
