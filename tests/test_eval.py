@@ -13,7 +13,7 @@ from mcrnn.data import mqar_spread
 from mcrnn.eval import load_experiment, report, run_task, state_floats
 from mcrnn.eval import mqar as mqar_task
 from mcrnn.eval.cli import SWEEP, parse_dotted
-from mcrnn.eval.common import deep_merge, mean_std
+from mcrnn.eval.common import deep_merge, mean_se, mean_std, state_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -95,6 +95,57 @@ def test_mqar_accuracy_of_an_oracle_and_a_constant():
     assert mqar_task.accuracy(Oracle(torch.zeros_like(y)), x, y) == 0.0  # values are never token 0
 
 
+class _Diverging(torch.nn.Module):
+    """The oracle of ``answers``, except on examples ``bad``: their logits are NaN (``raise_=False``), or the
+    whole forward raises as the ops do on a non-finite gate when such an example is in the batch."""
+
+    def __init__(self, answers, bad, raise_=False, message="gate `a` contains NaN or inf"):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.answers, self.bad, self.raise_, self.message, self.calls = answers, set(bad), raise_, message, 0
+
+    def forward(self, input_ids, use_cache=False):
+        self.calls += 1
+        # which example each row is: looked up by its tokens (the batches are slices of the inputs)
+        idx = [self.index[tuple(r.tolist())] for r in input_ids]
+        if self.raise_ and self.bad & set(idx):
+            raise ValueError(self.message)
+        logits = torch.nn.functional.one_hot(self.answers[idx].clamp(min=0), 32).float()
+        for j, i in enumerate(idx):
+            if i in self.bad:
+                logits[j, -1, 0] = float("nan")  # one non-finite logit, away from the queried positions
+        return type("Out", (), {"logits": logits})
+
+
+@pytest.mark.parametrize("raise_", [False, True])
+def test_mqar_divergence_is_scored_per_example(raise_):
+    x, y = mqar_spread(16, 32, 32, 4, random_non_queries=True, seed=3)
+    model = _Diverging(y, bad={2, 11}, raise_=raise_)
+    model.index = {tuple(r.tolist()): i for i, r in enumerate(x)}
+    assert len(model.index) == 16
+    s = mqar_task.score(model, x, y, batch_size=8)
+    assert s["n_diverged"] == 2 and abs(s["accuracy"] - 14 / 16) < 1e-12  # 4 queries each; the others all right
+    assert s["reason"] == ("gate `a` contains NaN or inf" if raise_ else "non-finite logits")
+    if raise_:  # bisection: each bad batch of 8 is split down to its bad example (1 + 2 + 2 + 2 calls), not 8
+        assert model.calls == 2 + 2 * (2 + 2 + 2)
+    model = _Diverging(y, bad=set(), raise_=raise_)
+    model.index = {tuple(r.tolist()): i for i, r in enumerate(x)}
+    assert mqar_task.score(model, x, y) == {"accuracy": 1.0, "n_diverged": 0, "reason": None}
+
+
+def test_mqar_other_errors_are_not_divergence():
+    x, y = mqar_spread(4, 32, 32, 4, seed=3)
+    model = _Diverging(y, bad={0}, raise_=True, message="input_ids must be [B, T]")
+    model.index = {tuple(r.tolist()): i for i, r in enumerate(x)}
+    with pytest.raises(ValueError, match="input_ids"):
+        mqar_task.score(model, x, y)
+
+
+def test_mqar_chance_levels():
+    assert mqar_task.chance_levels(32, 8) == {"chance": 1 / 16, "guess_among_values": 1 / 8}
+    assert mqar_task.chance_levels(33, 4)["chance"] == 1 / 17  # values are [V // 2, V)
+
+
 def test_state_floats():
     base = {"hidden_size": 16, "num_heads": 2, "head_dim": 4, "num_hidden_layers": 2, "segment_size": 8}
     assert state_floats({**base, "aggregation": "none"}, 64) == 2 * 2 * 16
@@ -104,12 +155,22 @@ def test_state_floats():
     assert state_floats({**base, "mixer": "attention"}, 64) == 2 * 2 * 64 * 2 * 4
     assert state_floats({**base, "aggregation": "grm", "segmentation": "logarithmic", "segment_size": 1}, 7) == \
         2 * 2 * (16 * 4 + 4 * 4)  # 7 = 111b: three Fenwick blocks
+    assert state_counts({**base, "aggregation": "grm"}, 64) == {"memory": 2 * 2 * 16 * 8, "summaries": 2 * 2 * 4 * 8,
+                                                                "kv": 0}
+    assert state_counts({**base, "aggregation": "residual"}, 64)["summaries"] == 0  # unscored: no key sums
+    assert state_counts({**base, "mixer": ["attention", "mc"], "aggregation": "none"}, 64) == {
+        "memory": 2 * 16, "summaries": 0, "kv": 2 * 64 * 2 * 4}
+    deep = {**base, "memory": "titans", "memory_depth": 2, "expansion": 2, "mini_batch": 4, "aggregation": "soup"}
+    # per head: a 2-layer MLP 4 -> 8 -> 4 (64 floats) and its momentum, online + 7 caches
+    assert state_counts(deep, 64) == {"memory": 2 * 2 * 2 * 64 * 8, "summaries": 2 * 2 * 4 * 8, "kv": 0}
 
 
 def test_mean_std():
     assert mean_std([1.0]) == (1.0, 0.0)
     m, s = mean_std([1.0, 3.0])
     assert m == 2.0 and abs(s - 2 ** 0.5) < 1e-12
+    m, se = mean_se([1.0, 2.0, 3.0])
+    assert m == 2.0 and abs(se - 1 / 3 ** 0.5) < 1e-12 and mean_se([4.0]) == (4.0, 0.0)
 
 
 def test_run_task_trains_reuses_and_writes_results(tmp_path):
@@ -122,6 +183,10 @@ def test_run_task_trains_reuses_and_writes_results(tmp_path):
     for run in res["runs"]:
         assert not run["reused"] and len(run["rows"]) == 5
         assert all(0.0 <= r["accuracy"] <= 1.0 for r in run["rows"])
+        assert all(r["n_diverged"] == 0 and r["divergence_rate"] == 0.0 for r in run["rows"])
+        assert [r["guess_among_values"] for r in run["rows"]] == [1 / 4, 1 / 8, 1 / 4, 1 / 8, 1 / 12]
+        assert all(r["chance"] == 1 / 16 for r in run["rows"])
+        assert run["state"] == state_counts(run["model"], 32) and run["state_floats"] == sum(run["state"].values())
         assert (tmp_path / "out" / "runs" / run["variant"] / f"seed{run['seed']}" / "eval.json").exists()
     again = run_task("mqar", path, out=tmp_path / "out")
     assert all(r["reused"] for r in again["runs"])
@@ -154,6 +219,7 @@ def test_sweep_files_are_valid(task, rel):
 
 
 def _mqar_result(accs: dict[str, list[float]], cells=((64, 8), (128, 8)), desc="fixture") -> dict:
+    """A results dict of task mqar: ``accs[variant][seed]`` at L = 64, 0.1 less at longer lengths."""
     runs = []
     for v, per_seed in accs.items():
         for seed, a in enumerate(per_seed):
@@ -165,31 +231,37 @@ def _mqar_result(accs: dict[str, list[float]], cells=((64, 8), (128, 8)), desc="
                                   for L, n in cells]})
     return {"task": "mqar", "description": desc, "command": "mcrnn eval mqar x.yaml", "experiment": "x.yaml",
             "commit": "abc1234", "machine": {"cpu": "test cpu", "cores": 2, "torch": "2.x"}, "jobs": 1,
-            "threads": 1, "wall_seconds": 60.0, "finished": "today", "runs": runs}
+            "threads": 1, "wall_seconds": 60.0, "finished": "today", "runs": runs,
+            "config": {"base": {"data": {"vocab_size": 32}}}}
 
 
+SEEDS = (0, 1, 2)
+# three seeds, every claimed difference far beyond 2 standard errors: the verdicts are those of the raw means
 FIXTURE = {
-    "mqar": _mqar_result({"attention": [1.0, 1.0], "linear": [0.3, 0.4], "linear_equal_state": [0.5, 0.5],
-                          "residual": [0.5, 0.6], "grm": [0.9, 0.8], "ssc": [0.6, 0.7]}),
-    "ablations": _mqar_result({"grm_seg4": [0.9], "grm_logarithmic": [0.7], "grm_input_scores": [0.95]}),
+    "mqar": _mqar_result({"attention": [1.0, 1.0, 1.0], "linear": [0.3, 0.4, 0.35],
+                          "linear_equal_state": [0.5, 0.5, 0.52], "residual": [0.5, 0.6, 0.55],
+                          "grm": [0.9, 0.8, 0.85], "ssc": [0.6, 0.7, 0.65]}),
+    "ablations": _mqar_result({"grm_seg4": [0.9, 0.88, 0.92], "grm_logarithmic": [0.7, 0.72, 0.68],
+                               "grm_input_scores": [0.95, 0.97, 0.96]}),
     "niah": {"task": "niah", "runs": [
-        {"variant": v, "seed": 0, "params": 1, "train_seq_len": 256, "rows": [
-            {"niah": t, "seq_len": 256 * m, "length_multiplier": m, "depth": d, "accuracy": a, "n": 1}
+        {"variant": v, "seed": s, "params": 1, "train_seq_len": 256, "rows": [
+            {"niah": t, "seq_len": 256 * m, "length_multiplier": m, "depth": d, "accuracy": a + 0.01 * s,
+             "byte_accuracy": 0.5, "n": 1}
             for t in (1, 3) for m in (1, 2) for d in (0.0, 1.0)]}
-        for v, a in (("attention", 1.0), ("linear", 0.0), ("grm", 0.5))]},
+        for v, a in (("attention", 0.97), ("linear", 0.0), ("grm", 0.5)) for s in SEEDS]},
     "lm": {"task": "lm", "runs": [
-        {"variant": v, "seed": 0, "params": 5, "train_seq_len": 256, "rows": [
-            {"metric": "ppl", "seq_len": 256, "value": p},
+        {"variant": v, "seed": s, "params": 5, "train_seq_len": 256, "rows": [
+            {"metric": "ppl", "seq_len": 256, "value": p + 0.01 * s},
             {"metric": "ar_hit_loss", "seq_len": 256, "value": 1.0},
             {"metric": "other_loss", "seq_len": 256, "value": 2.0},
             {"metric": "ar_hit_fraction", "seq_len": 256, "value": 0.3},
             {"metric": "loss_by_position", "seq_len": 256, "bucket_start": 0, "bucket_end": 128, "value": 2.5},
             {"metric": "loss_by_position", "seq_len": 256, "bucket_start": 128, "bucket_end": 256, "value": 2.0},
             *[{"metric": "ppl_extrapolation", "seq_len": 256 * m, "multiplier": m, "mode": "as_trained",
-               "value": p * m} for m in (1, 2)],
+               "value": p * m + 0.01 * s} for m in (1, 2)],
             *([{"metric": "ppl_extrapolation", "seq_len": 256 * m, "multiplier": m, "mode": "post_training_mc",
-                "value": p} for m in (1, 2)] if v == "linear" else [])]}
-        for v, p in (("linear", 6.0), ("grm", 5.0))]},
+                "value": p + 0.01 * s} for m in (1, 2)] if v == "linear" else [])]}
+        for v, p in (("linear", 6.0), ("grm", 5.0)) for s in SEEDS]},
     "throughput": {"task": "throughput", "rows": [
         {"variant": v, "seq_len": L, "train_tokens_per_s": t / L ** (2 * (v == "attention")),
          "decode_tokens_per_s": 10.0,
@@ -197,22 +269,139 @@ FIXTURE = {
                                                                   ("linear_grm", 600.0))
         for L in (2, 4)]},
 }
+GAP = "The Transformer is still best on hard recall; MC closes most of the gap"
+TP = "SSC stays close to the base RNN's training throughput; MC sits between the RNN and the Transformer"
 
 
 def test_claims_from_fixture():
     rows = {c[0]: (c[1], c[2]) for c in report.claims(FIXTURE)}
-    assert rows["MC beats its base RNN everywhere"][1] == "yes"
+    assert len(rows) == 8 and len(report.load_claims()) == 8
+    mc = rows["MC beats its base RNN everywhere"]
+    assert mc[1] == "yes" and "L=128, n=8: residual 0.450 ± 0.029 > linear 0.250 ± 0.029" in mc[0]
+    # ssc was not run in the niah and lm fixtures: grm alone is compared, and the text says so
+    assert "S-NIAH mean: grm 0.510 ± 0.006 > linear 0.010 ± 0.006 (no ssc in niah) (yes)" in mc[0]
+    assert "perplexity: grm 5.01 ± 0.01 < linear 6.01 ± 0.01 (no ssc in lm) (yes)" in mc[0]
     order = rows["GRM > Soup > SSC > Residual > base (accuracy)"]
-    assert order[1] == "yes" and "grm 0.800 > ssc 0.600 > residual 0.500 > linear 0.300" in order[0]
-    gap = rows["The Transformer is still best on hard recall; MC closes most of the gap"]
-    assert "grm 0.850 vs attention 1.000" in gap[0] and gap[1] == "yes"
+    assert order[1] == "yes"
+    assert "grm 0.800 ± 0.029 > ssc 0.600 ± 0.029 > residual 0.500 ± 0.029 > linear 0.300 ± 0.029" in order[0]
+    # the DLA half of the claim is not measured: no mqar_deep results
+    assert "DLA" not in order[0]
+    gap = rows[GAP]
+    assert "linear 0.350 ± 0.029 → grm 0.850 ± 0.029 vs attention 1.000 ± 0.000 (77% of the gap closed, > 50%)" \
+        in gap[0] and gap[1] == "yes"
     assert rows["Constant segments beat logarithmic ones (Log-Linear++)"][1] == "yes"
     assert rows["Context-dependent gates matter (input-only gates drop retrieval)"][1] == "no"
-    tp = rows["SSC stays close to the base RNN's training throughput; MC sits between the RNN and the Transformer"]
-    assert tp[1] == "yes" and "0.80 at 2" in tp[0]  # attention 250 tok/s at 4: the MC variants lie between
-    assert rows["Post-training MC (uniform average of cached memories) improves length extrapolation"][1] == "yes"
+    tp = rows[TP]
+    assert tp[1] == "yes" and "L=2: 0.80 (> 0.5)" in tp[0]  # attention 250 tok/s at 4: the MC variants lie between
+    post = rows["Post-training MC (uniform average of cached memories) improves length extrapolation"]
+    assert post[1] == "yes" and "2x: linear/post_training_mc 6.01 ± 0.01 < linear/as_trained 12.01 ± 0.01" in post[0]
+    assert "1x" not in post[0]  # where: multiplier > 1
     assert rows["(ours) MC beats the base RNN given the same state size (equal-state control)"][1] == "yes"
     assert report.claims({})[0][2] == report.NOT_MEASURED
+
+
+def test_claims_match_the_raw_means_verdicts_they_replace():
+    """With well-separated seeds the declared checks give the verdicts the hard-coded ones gave (raw means)."""
+    expected = {"MC beats its base RNN everywhere": "yes", "GRM > Soup > SSC > Residual > base (accuracy)": "yes",
+                GAP: "yes", "Constant segments beat logarithmic ones (Log-Linear++)": "yes",
+                "Context-dependent gates matter (input-only gates drop retrieval)": "no", TP: "yes",
+                "Post-training MC (uniform average of cached memories) improves length extrapolation": "yes",
+                "(ours) MC beats the base RNN given the same state size (equal-state control)": "yes"}
+    assert {c: v for c, _, v in report.claims(FIXTURE)} == expected
+
+
+def _pair(a: list[float], b: list[float]) -> dict:
+    return {"mqar": _mqar_result({"grm": a, "linear": b}, cells=((64, 8),))}
+
+
+ONE_CHECK = [{"claim": "grm beats linear", "checks": [
+    {"experiment": "mqar", "metric": "accuracy", "order": ["grm", "linear"]}]}]
+
+
+@pytest.mark.parametrize("a,b,verdict", [
+    ([0.9, 0.91, 0.89], [0.5, 0.52, 0.48], "yes"),            # 3 seeds, well separated
+    ([0.5, 0.52, 0.48], [0.9, 0.91, 0.89], "no"),             # the opposite, beyond 2 SE
+    ([0.6, 0.9, 0.3], [0.5, 0.8, 0.4], "not measurable"),     # overlapping: within 2 SE
+    ([0.9], [0.5], "not measurable"),                          # one seed: no standard error
+    ([0.9, 0.91], [0.5, 0.52], "not measurable"),              # two seeds: still fewer than 3
+    ([0.7, 0.7, 0.7], [0.7, 0.7, 0.7], "not measurable"),      # equal, zero spread
+])
+def test_verdict_rules(a, b, verdict):
+    (_, text, v), = report.claims(_pair(a, b), ONE_CHECK)
+    assert v == verdict, text
+
+
+def test_verdict_threshold_is_two_standard_errors_of_the_difference():
+    # se_a = se_b = 0.1 / sqrt(3): se_d = 0.1 * sqrt(2/3) = 0.0816; 2 se_d = 0.163
+    lo = [0.4, 0.5, 0.6]
+    assert report.contrast({"a": [x + 0.17 for x in lo], "b": lo}, {"a": 1, "b": -1})[0] == "yes"
+    assert report.contrast({"a": [x + 0.15 for x in lo], "b": lo}, {"a": 1, "b": -1})[0] == "not measurable"
+    v, d, se = report.contrast({"a": [x + 0.15 for x in lo], "b": lo}, {"a": 1, "b": -1})
+    assert abs(d - 0.15) < 1e-12 and abs(se - 0.1 * (2 / 3) ** 0.5) < 1e-12
+    assert report.contrast({"a": [1.0], "b": [2.0]}, {"a": 1, "b": -1}, rule="direct")[0] == "no"
+
+
+def test_claim_verdicts_combine_and_texts():
+    assert report.combine(["yes", "yes"]) == "yes" and report.combine(["no", report.NOT_MEASURED]) == "no"
+    assert report.combine(["yes", "not measurable"]) == "partly"
+    assert report.combine([report.NOT_MEASURED]) == report.NOT_MEASURED
+    one_seed = {"mqar": _mqar_result({"grm": [0.9], "linear": [0.5]})}
+    (_, text, v), = report.claims(one_seed, ONE_CHECK)
+    assert v == "not measurable" and "grm 0.850 vs linear 0.450" in text
+    typo = [{"claim": "c", "checks": [{"experiment": "mqar", "metric": "accuracy", "order": ["gmr", "linear"]}]}]
+    (_, text, v), = report.claims(one_seed, typo)
+    assert v == report.NOT_MEASURED and "no gmr in mqar" in text
+    # many comparisons (over 6): counts per pair instead of a list
+    grid = ((64, 4), (64, 8), (128, 4), (128, 8), (128, 12), (256, 8), (256, 12))
+    many = {"mqar": _mqar_result({"grm": [0.9, 0.91, 0.89], "linear": [0.5, 0.52, 0.48]}, cells=grid)}
+    per_cell = [{"claim": "c", "checks": [{"experiment": "mqar", "metric": "accuracy", "per": "cell",
+                                           "better": ["grm"], "than": "linear"}]}]
+    (_, text, v), = report.claims(many, per_cell)
+    assert v == "yes" and "grm vs linear: better mean in 7/7 cells, beyond 2 SE in 7, worse beyond 2 SE in 0" in text
+    many["mqar"]["runs"] = [r for r in many["mqar"]["runs"] if r["seed"] == 0]
+    (_, text, v), = report.claims(many, per_cell)
+    assert v == "not measurable" and "better mean in 7/7 cells (fewer than 3 seeds)" in text
+
+
+def test_claims_file_is_checked(tmp_path):
+    good = {"experiment": "mqar", "metric": "accuracy", "order": ["a", "b"]}
+    for bad, msg in (({**good, "ordre": 1}, "unknown key 'ordre'"),
+                     ({**good, "better": ["a"]}, "exactly one of"),
+                     ({k: v for k, v in good.items() if k != "metric"}, "`metric` is required"),
+                     ({**good, "order": ["a"]}, "two or more"),
+                     ({"experiment": "m", "metric": "x", "ratio": {"of": "a"}}, "needs of, to, at_least"),
+                     ({**good, "rule": "raw"}, "rule must be")):
+        path = write(tmp_path, {"claims": [{"claim": "c", "checks": [bad]}]}, "claims.yaml")
+        with pytest.raises(ValueError, match=msg):
+            report.load_claims(path)
+    with pytest.raises(ValueError, match="claims:"):
+        report.load_claims(write(tmp_path, {"claim": []}, "claims.yaml"))
+
+
+def test_claims_name_only_declared_variants():
+    # every variant a check names exists in the experiment file it names (a typo would read "not measured")
+    for c in report.load_claims():
+        for chk in c["checks"]:
+            exp = load_experiment(ROOT / "configs" / "eval" / f"{chk['experiment']}.yaml")
+            kind = next(k for k in report._KINDS if k in chk)
+            for name in report._named(chk, kind)[0]:
+                assert name.split("/")[0] in exp.variants, (c["claim"], name)
+
+
+def test_mqar_table_shows_state_split_chance_and_divergence():
+    res = _mqar_result({"attention": [1.0], "linear": [0.5], "grm": [0.9]})
+    res["runs"][2]["rows"][1].update(n_diverged=4, divergence_rate=0.25, diverged="non-finite logits")
+    table = report.mqar_table(res)
+    assert "| `grm` | 1,000 | 512 | 128 | 0.900 | 0.800 |" in table  # 16 states of 2 x 4 x 4; 16 key sums of 2 x 4
+    assert "| `attention` | 1,000 | 1,024 (KV cache) | – |" in table
+    assert "| *chance (1/16 value tokens)* |  |  |  | 0.062 | 0.062 |" in table
+    assert "| *guess among the n values (1/n)* |  |  |  | 0.125 | 0.125 |" in table
+    div = report.divergence_table(res)
+    assert "| `grm` | 0.000 | 0.250 |" in div and "`linear`" not in div
+    old = _mqar_result({"dla": [0.0]})  # a result from before per-example scoring: the whole cell diverged
+    old["runs"][0]["rows"][0]["diverged"] = "gate `a` contains NaN or inf"
+    assert "| `dla` | 1.000 | 0.000 |" in report.divergence_table(old)
+    assert report.divergence_table(_mqar_result({"grm": [0.9]})) is None
 
 
 def test_report_builds_from_fixture(tmp_path):
@@ -223,9 +412,13 @@ def test_report_builds_from_fixture(tmp_path):
     assert set(report.load_results([root])) == set(FIXTURE)
     assert report.main([str(root), "--out", str(tmp_path / "docs" / "results.md")]) == 0
     text = (tmp_path / "docs" / "results.md").read_text()
-    assert "| `grm` | 1,000 | 64 | 0.850 ± 0.071 | 0.750 ± 0.071 |" in text
+    assert "| `grm` | 1,000 | 512 | 128 | 0.850 ± 0.050 | 0.750 ± 0.050 |" in text
     assert "mcrnn eval mqar x.yaml" in text and "commit `abc1234`" in text
     assert "not measured (`mcrnn eval mqar configs/eval/mqar_deep.yaml`)" in text
+    assert "configs/eval/claims.yaml" in text and "No example diverged." in text
+    assert "| *chance (a guess in the answer's format)* | 0.000 |" in text  # exact match of a 7-digit number
+    assert "| *chance (a guess in the answer's format)* | 0.102 |" in text  # a digit: 1/9 first, then 1/10
     for png in ("mqar.png", "state.png", "niah.png", "extrapolation.png", "throughput.png", "ablations.png"):
         assert (tmp_path / "docs" / "results" / png).stat().st_size > 1000
     assert report.main([str(tmp_path / "empty")]) == 2
+    assert report.main([str(root), "--out", str(tmp_path / "x.md"), "--claims", str(tmp_path / "none.yaml")]) == 2

@@ -175,20 +175,22 @@ def train_or_load(cfg: Config, retrain: bool = False) -> tuple[torch.nn.Module, 
     return model, info
 
 
-def state_floats(model_cfg: dict, seq_len: int) -> int:
+def state_counts(model_cfg: dict, seq_len: int) -> dict[str, int]:
     """Floats a model keeps to process the next token after ``seq_len`` tokens, summed over layers and heads
-    (one sequence): the KV cache for attention; for a recurrent memory its state, plus with Memory Caching
-    every cached state (and their key sums), excluding the short convolutions' few-token windows."""
+    (one sequence), by kind: ``kv`` (attention's KV cache), ``memory`` (a recurrent memory's matrices: the
+    online state, plus with Memory Caching every cached state) and ``summaries`` (the key sums that scored
+    aggregations keep per segment, online and cached). The short convolutions' few-token windows are left out.
+    """
     from mcrnn.models import MCConfig
 
     c = MCConfig(**{k: v for k, v in model_cfg.items()})
     mixers = c.mixer if isinstance(c.mixer, list) else [c.mixer] * c.num_hidden_layers
     H, K = c.num_heads, c.head_dim
     V = int(K * c.expand_v)
-    total = 0
+    out = {"memory": 0, "summaries": 0, "kv": 0}
     for mixer in mixers:
         if mixer == "attention":
-            total += 2 * seq_len * H * K
+            out["kv"] += 2 * seq_len * H * K
             continue
         deep = c.memory in ("dla", "titans")
         if deep:
@@ -204,8 +206,15 @@ def state_floats(model_cfg: dict, seq_len: int) -> int:
                 caches = max(bin(units).count("1"), 1)
             else:
                 caches = (seq_len - 1) // c.segment_size
-        total += H * (per * (1 + caches) + (K * (1 + caches) if c.aggregation in ("grm", "soup", "ssc") else 0))
-    return total
+        out["memory"] += H * per * (1 + caches)
+        if c.aggregation in ("grm", "soup", "ssc"):
+            out["summaries"] += H * K * (1 + caches)
+    return out
+
+
+def state_floats(model_cfg: dict, seq_len: int) -> int:
+    """All the floats of :func:`state_counts` (KV cache, memories and summaries) in one number."""
+    return sum(state_counts(model_cfg, seq_len).values())
 
 
 def machine() -> dict:
@@ -258,7 +267,8 @@ def _one_run(args) -> dict:
     t1 = time.perf_counter()
     torch.manual_seed(seed)
     rows = evaluate(model, cfg, exp.eval, variant)
-    rec = {"variant": variant, "seed": seed, **info, "state_floats": state_floats(cfg.model, cfg.data.seq_len),
+    state = state_counts(cfg.model, cfg.data.seq_len)
+    rec = {"variant": variant, "seed": seed, **info, "state_floats": sum(state.values()), "state": state,
            "model": cfg.model, "train_seq_len": cfg.data.seq_len, "train_steps": cfg.train.steps,
            "wall_train_s": t1 - t0, "wall_eval_s": time.perf_counter() - t1, "rows": rows}
     path = Path(cfg.train.out_dir) / "eval.json"
@@ -317,3 +327,9 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     if n == 1:
         return m, 0.0
     return m, (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and its standard error, ``std / sqrt(n)`` with the sample standard deviation (0 for one value)."""
+    m, s = mean_std(xs)
+    return m, (s / len(xs) ** 0.5 if xs else float("nan"))

@@ -10,21 +10,30 @@ counts beyond training, where a fixed-size recurrent state runs out and Memory C
       num_examples: 256               # held-out examples per cell
       batch_size: 128
 
-Rows: ``{"seq_len", "num_kv_pairs", "accuracy", "n_examples"}`` with per-query accuracy (the fraction of
-queried values recalled, the trainer's ``eval_acc``); a cell where the model's state overflows (NaN) scores 0
-and carries ``"diverged": reason``. Held-out generator seeds are odd, training seeds even
-(:func:`mcrnn.data.split_seeds`), so no evaluation example is a training example.
+Rows: ``{"seq_len", "num_kv_pairs", "accuracy", "n_examples", "n_diverged", "divergence_rate", "chance",
+"guess_among_values"}`` with per-query accuracy (the fraction of queried values recalled, the trainer's
+``eval_acc``). Divergence is scored per example: an example whose logits are not all finite (the model's
+state overflowed), or whose forward pass alone raises on a NaN/inf gate, counts as wrong on every query, and
+the others keep their score; ``n_diverged`` counts those examples and a cell with any carries
+``"diverged": reason``. ``chance`` is a uniform guess among the value tokens, ``guess_among_values`` a uniform
+guess among the example's ``n`` values (both from the task settings, see :func:`chance_levels`). Held-out
+generator seeds are odd, training seeds even (:func:`mcrnn.data.split_seeds`), so no evaluation example is a
+training example.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-from mcrnn.data import mqar, mqar_accuracy, mqar_spread, split_seeds
+from mcrnn.data import mqar, mqar_spread, split_seeds
 from mcrnn.train.config import Config
 
 # the evaluation grid's generator seeds: one per cell, far from the trainer's (seed, step) seeds
 _EVAL_SEED_BASE = 7_000_003
+# how the ops report a non-finite gate (ValueError "gate `x` contains NaN or inf"): that example diverged
+_NON_FINITE = re.compile(r"\b(nan|inf)\b", re.IGNORECASE)
 
 
 def cell_seed(seed: int, seq_len: int, num_kv_pairs: int) -> int:
@@ -41,15 +50,59 @@ def grid(cfg: Config, spec: dict) -> list[tuple[int, int]]:
     return [(L, n) for L in lens for n in pairs if 4 * n <= L and 2 * n + 2 <= d.vocab_size and L % 2 == 0]
 
 
+def chance_levels(vocab_size: int, num_kv_pairs: int) -> dict[str, float]:
+    """Accuracy of two guessers that never read the keys: ``chance``, uniform over the value tokens
+    (``[V // 2, V)``, where :func:`mcrnn.data.mqar` and ``mqar_spread`` draw values), and
+    ``guess_among_values``, uniform over the ``n`` distinct values of the example (the answers it can have)."""
+    return {"chance": 1.0 / (vocab_size - vocab_size // 2), "guess_among_values": 1.0 / num_kv_pairs}
+
+
+def _predict(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """``(predictions [B, L], finite [B] bool, reason)`` of one batch. A forward that raises on a non-finite
+    gate is bisected until the examples that raise stand alone: one diverging example costs no other its score."""
+    try:
+        logits = model(input_ids=x, use_cache=False).logits
+    except ValueError as e:
+        if not _NON_FINITE.search(str(e)):
+            raise
+        if x.shape[0] == 1:
+            return torch.full(x.shape, -1, dtype=torch.long), torch.zeros(1, dtype=torch.bool), str(e)
+        half = x.shape[0] // 2
+        p1, f1, r1 = _predict(model, x[:half])
+        p2, f2, r2 = _predict(model, x[half:])
+        return torch.cat([p1, p2]), torch.cat([f1, f2]), r1 or r2
+    finite = torch.isfinite(logits).flatten(1).all(dim=1).cpu()
+    reason = None if bool(finite.all()) else "non-finite logits"
+    return logits.argmax(-1).cpu(), finite, reason
+
+
 @torch.no_grad()
-def accuracy(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 128) -> float:
-    """Per-query accuracy of ``model`` on ``inputs/labels [N, L]`` (token reduction over labelled positions)."""
+def score(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 128) -> dict:
+    """Per-query accuracy of ``model`` on ``inputs/labels [N, L]`` with divergence scored per example.
+
+    Returns ``{"accuracy", "n_diverged", "reason"}``: a diverged example (non-finite logits anywhere, or a
+    forward that raises on a NaN/inf gate) is wrong on every labelled position; ``reason`` says why the first
+    one diverged (``None`` when none did).
+    """
     device = next(model.parameters()).device
-    preds = []
+    preds, finite, reason = [], [], None
     for i in range(0, inputs.shape[0], batch_size):
-        logits = model(input_ids=inputs[i:i + batch_size].to(device), use_cache=False).logits
-        preds.append(logits.argmax(-1).cpu())
-    return mqar_accuracy(torch.cat(preds), labels, reduction="token")
+        p, f, r = _predict(model, inputs[i:i + batch_size].to(device))
+        preds.append(p)
+        finite.append(f)
+        reason = reason or r
+    preds, finite = torch.cat(preds), torch.cat(finite)
+    mask = labels != -100
+    if not bool(mask.any()):
+        raise ValueError("labels has no labelled position (all -100)")
+    correct = (preds == labels) & mask & finite[:, None]
+    return {"accuracy": float(correct.sum()) / int(mask.sum()), "n_diverged": int((~finite).sum()),
+            "reason": reason}
+
+
+def accuracy(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 128) -> float:
+    """Per-query accuracy of ``model`` on ``inputs/labels [N, L]`` (diverged examples wrong, see :func:`score`)."""
+    return score(model, inputs, labels, batch_size)["accuracy"]
 
 
 def evaluate(model, cfg: Config, spec: dict, variant: str) -> list[dict]:
@@ -60,14 +113,11 @@ def evaluate(model, cfg: Config, spec: dict, variant: str) -> list[dict]:
     rows = []
     for L, n in grid(cfg, spec):
         x, y = fn(n_ex, L, d.vocab_size, n, power_a, d.random_non_queries, cell_seed(cfg.train.seed, L, n))
-        try:
-            acc = accuracy(model, x, y, int(spec.get("batch_size", 128)))
-        except ValueError as e:
-            if "NaN" not in str(e):
-                raise
-            # a memory that overflows beyond its training length recalls nothing: score 0, say why
-            rows.append({"seq_len": L, "num_kv_pairs": n, "accuracy": 0.0, "n_examples": n_ex,
-                         "diverged": str(e)})
-            continue
-        rows.append({"seq_len": L, "num_kv_pairs": n, "accuracy": acc, "n_examples": n_ex})
+        s = score(model, x, y, int(spec.get("batch_size", 128)))
+        row = {"seq_len": L, "num_kv_pairs": n, "accuracy": s["accuracy"], "n_examples": n_ex,
+               "n_diverged": s["n_diverged"], "divergence_rate": s["n_diverged"] / n_ex,
+               **chance_levels(d.vocab_size, n)}
+        if s["reason"]:
+            row["diverged"] = s["reason"]
+        rows.append(row)
     return rows

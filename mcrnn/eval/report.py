@@ -1,26 +1,30 @@
 """``mcrnn report``: the results JSON of ``mcrnn eval`` -> ``docs/results.md`` (tables, plots, paper claims).
 
-    mcrnn report [RESULTS_DIR ...] [--out docs/results.md] [--quick]
+    mcrnn report [RESULTS_DIR ...] [--out docs/results.md] [--quick] [--claims configs/eval/claims.yaml]
 
 Every ``RESULTS_DIR`` (default ``results/eval``) is searched for ``<experiment>/full/results.json``
 (``--quick``: ``<experiment>/quick/results.json``). Each section of the report is built from the experiment
 it names (``mqar``, ``mqar_deep``, ``mqar_width``, ``ablations``, ``niah``, ``lm``, ``throughput``) and says
 which command, experiment file, commit and machine produced its numbers; a missing experiment leaves its
-section and claims "not measured". Figures go to ``<out stem>/`` next to the markdown file.
+section and its claims' checks "not measured". The paper's claims, and the experiments, variants, metric and
+comparison that measure each, are declared in ``--claims`` (see :func:`load_claims`); this module evaluates
+them with the verdict rules of :func:`contrast`. Figures go to ``<out stem>/`` next to the markdown file.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .common import mean_std
+import yaml
+
+from .common import mean_se, mean_std, state_counts
 
 NOT_MEASURED = "not measured"
-MC_LINEAR = ("residual", "grm", "ssc")  # the MC variants of mqar.yaml, in the paper's expected order
 
 
 # --- loading -----------------------------------------------------------------------------------------------
@@ -59,15 +63,6 @@ def run_info(res: dict) -> dict[str, dict]:
 
 def _mean(xs) -> float:
     return mean_std(list(xs))[0]
-
-
-def cell_mean(cells: dict, variant: str, keys=None) -> float | None:
-    """Mean accuracy of a variant over the given cells (all of them by default), seeds averaged first."""
-    if variant not in cells:
-        return None
-    c = cells[variant]
-    keys = [k for k in (keys if keys is not None else c) if k in c]
-    return _mean(_mean(c[k]) for k in keys) if keys else None
 
 
 # --- rendering helpers -----------------------------------------------------------------------------------
@@ -109,16 +104,81 @@ def _plt():
 # --- MQAR ------------------------------------------------------------------------------------------------
 
 
+def run_state(run: dict) -> dict[str, int]:
+    """``{"memory", "summaries", "kv"}`` floats of a run at its training length: as recorded, else computed
+    from its model config (results written before the split recorded only the total)."""
+    if "state" in run:
+        return run["state"]
+    try:
+        return state_counts(run["model"], run["train_seq_len"])
+    except (KeyError, TypeError, ValueError):
+        return {"memory": run.get("state_floats", 0), "summaries": 0, "kv": 0}
+
+
+def _state_cells(state: dict[str, int]) -> list[str]:
+    memory = [f"{state['memory']:,}"] if state.get("memory") else []
+    memory += [f"{state['kv']:,} (KV cache)"] if state.get("kv") else []
+    return [" + ".join(memory) or "0", f"{state['summaries']:,}" if state.get("summaries") else "–"]
+
+
+def mqar_reference_levels(res: dict) -> dict[tuple[int, int], dict[str, float]]:
+    """``{(seq_len, num_kv_pairs): {"chance", "guess_among_values"}}``: as the rows record them, else from the
+    experiment's data settings (:func:`mcrnn.eval.mqar.chance_levels`)."""
+    from .mqar import chance_levels
+
+    out: dict = {}
+    vocab = (((res.get("config") or {}).get("base") or {}).get("data") or {}).get("vocab_size")
+    for run in res["runs"]:
+        for row in run["rows"]:
+            key = (row["seq_len"], row["num_kv_pairs"])
+            if "chance" in row:
+                out.setdefault(key, {"chance": row["chance"], "guess_among_values": row["guess_among_values"]})
+            elif vocab:
+                out.setdefault(key, chance_levels(vocab, row["num_kv_pairs"]))
+    return out
+
+
+def divergence_rates(res: dict) -> dict[str, dict[tuple[int, int], float]]:
+    """``{variant: {(seq_len, num_kv_pairs): fraction of examples that diverged, over seeds}}``; a row of an
+    older result that only says ``diverged`` scored its whole cell 0: rate 1."""
+    out: dict = defaultdict(lambda: defaultdict(list))
+    for run in res["runs"]:
+        for row in run["rows"]:
+            rate = row.get("divergence_rate", 1.0 if row.get("diverged") else 0.0)
+            out[run["variant"]][(row["seq_len"], row["num_kv_pairs"])].append(rate)
+    return {v: {k: _mean(r) for k, r in c.items()} for v, c in out.items()}
+
+
 def mqar_table(res: dict) -> str:
+    """Accuracy per variant and cell (mean ± std over seeds), the state each variant keeps at its training
+    length (memories and summaries separately), and the two guessers' levels per cell."""
     cells = mqar_cells(res)
     info = run_info(res)
     keys = sorted({k for c in cells.values() for k in c})
-    head = ["variant", "params", "state @ train len"] + [f"L={L}, n={n}" for L, n in keys]
+    head = ["variant", "params", "state @ train len: memory", "summaries"] + [f"L={L}, n={n}" for L, n in keys]
     rows = []
     for v in cells:
-        rows.append([f"`{v}`", f"{info[v]['params']:,}", f"{info[v]['state_floats']:,}"]
+        rows.append([f"`{v}`", f"{info[v]['params']:,}", *_state_cells(run_state(info[v]))]
                     + [pm(cells[v][k]) if k in cells[v] else "–" for k in keys])
+    levels = mqar_reference_levels(res)
+    if levels:
+        some = next(iter(levels.values()))
+        rows.append([f"*chance (1/{round(1 / some['chance'])} value tokens)*", "", "", ""]
+                    + [fmt(levels.get(k, {}).get("chance")) for k in keys])
+        rows.append(["*guess among the n values (1/n)*", "", "", ""]
+                     + [fmt(levels.get(k, {}).get("guess_among_values")) for k in keys])
     return md_table(head, rows)
+
+
+def divergence_table(res: dict) -> str | None:
+    """The fraction of examples whose output was not finite (scored wrong), per variant and cell, mean over
+    seeds; ``None`` when no example diverged."""
+    rates = divergence_rates(res)
+    if not any(r for c in rates.values() for r in c.values()):
+        return None
+    keys = sorted({k for c in rates.values() for k in c})
+    return md_table(["variant"] + [f"L={L}, n={n}" for L, n in keys],
+                    [[f"`{v}`"] + [fmt(c.get(k)) for k in keys] for v, c in rates.items() if any(c.values())])
 
 
 def mqar_plot(res: dict, path: Path, title: str) -> Path:
@@ -177,21 +237,35 @@ def state_plot(res_list: list[dict], path: Path) -> Path:
 # --- NIAH, LM, throughput ----------------------------------------------------------------------------------
 
 
-def niah_summary(res: dict) -> dict[str, dict[tuple[int, int], float]]:
-    """``{variant: {(niah, multiplier): accuracy averaged over depths and seeds}}``."""
+def niah_summary(res: dict, metric: str = "accuracy") -> dict[str, dict[tuple[int, int], float]]:
+    """``{variant: {(niah, multiplier): metric averaged over depths and seeds}}`` (``accuracy``: exact match,
+    ``byte_accuracy``: the fraction of answer bytes right)."""
     acc: dict = defaultdict(lambda: defaultdict(list))
     for run in res["runs"]:
         for row in run["rows"]:
-            acc[run["variant"]][(row["niah"], row["length_multiplier"])].append(row["accuracy"])
+            if metric in row:
+                acc[run["variant"]][(row["niah"], row["length_multiplier"])].append(row[metric])
     return {v: {k: _mean(a) for k, a in c.items()} for v, c in acc.items()}
 
 
-def niah_table(res: dict) -> str:
-    s = niah_summary(res)
+def niah_chance(niah: int, metric: str = "accuracy") -> float:
+    """What a guesser that knows the answer's format but not the needle scores (mcrnn.data.niah's formats):
+    S-NIAH-1/2 a 7-digit number without a leading zero, S-NIAH-3 a version-4 UUID (36 bytes: 30 random hex
+    digits, one of 4 variant digits, the fixed version digit and 4 dashes)."""
+    if niah == 3:
+        return (30 / 16 + 1 / 4 + 5) / 36 if metric == "byte_accuracy" else 16.0 ** -30 / 4
+    return (1 / 9 + 6 / 10) / 7 if metric == "byte_accuracy" else 1 / (9 * 10 ** 6)
+
+
+def niah_table(res: dict, metric: str = "accuracy") -> str:
+    s = niah_summary(res, metric)
     keys = sorted({k for c in s.values() for k in c})
     L = run_info(res)[next(iter(s))]["train_seq_len"] if s else 0
-    head = ["variant"] + [f"S-NIAH-{t} @{m}x ({m * L})" for t, m in keys]
-    return md_table(head, [[f"`{v}`"] + [fmt(c.get(k)) for k in keys] for v, c in s.items()])
+    what = {"accuracy": "exact match", "byte_accuracy": "byte accuracy"}.get(metric, metric)
+    head = [f"variant ({what})"] + [f"S-NIAH-{t} @{m}x ({m * L})" for t, m in keys]
+    rows = [[f"`{v}`"] + [fmt(c.get(k)) for k in keys] for v, c in s.items()]
+    rows.append(["*chance (a guess in the answer's format)*"] + [fmt(niah_chance(t, metric)) for t, _ in keys])
+    return md_table(head, rows)
 
 
 def niah_plot(res: dict, path: Path) -> Path:
@@ -324,169 +398,331 @@ def throughput_plot(res: dict, path: Path) -> Path:
 
 
 # --- claims ------------------------------------------------------------------------------------------------
+#
+# The claims and their checks are declared in a claims file (configs/eval/claims.yaml, format in its header
+# and in docs/evaluation.md); the code below knows the result formats and the verdict rules, no variant name.
+
+NOT_MEASURABLE = "not measurable"
+MIN_SEEDS = 3  # fewer seeds give no standard error worth a verdict
+DEFAULT_CLAIMS = "configs/eval/claims.yaml"
+
+#: the row fields that locate a measurement (a cell) in each task's rows; values of one seed that share a
+#: cell are averaged (e.g. S-NIAH's needle depths)
+CELL_FIELDS = {"mqar": ("seq_len", "num_kv_pairs"), "niah": ("niah", "length_multiplier"),
+               "lm": ("seq_len", "multiplier", "bucket_start"), "throughput": ("seq_len",)}
+#: row fields that, with the variant, name a series (`linear/post_training_mc`)
+SERIES_FIELDS = {"lm": ("mode",)}
+LOWER_IS_BETTER = {"ppl", "ppl_extrapolation", "ar_hit_loss", "other_loss", "loss_by_position", "peak_mb"}
+_FIELD_NAMES = {"seq_len": "L={}", "num_kv_pairs": "n={}", "niah": "S-NIAH-{}", "length_multiplier": "{}x",
+                "multiplier": "{}x", "bucket_start": "from {}"}
+_KINDS = ("order", "better", "gap_closed", "ratio", "between")
+_CHECK_KEYS = {"experiment", "metric", "label", "where", "per", "rule", "lower_is_better", "than", "variants",
+               *_KINDS}
 
 
-def _verdict(ok: list[bool]) -> str:
-    if not ok:
+def load_claims(path: str | Path = DEFAULT_CLAIMS) -> list[dict]:
+    """The claims of a claims file, checked: ``[{"claim": text, "checks": [check, ...]}]`` (the format is in
+    the header of configs/eval/claims.yaml and in docs/evaluation.md)."""
+    path = Path(path)
+    if not path.exists():
+        from .cli import repo_path
+
+        path = repo_path(str(path))
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    table = raw.get("claims") if isinstance(raw, dict) else None
+    if not isinstance(table, list):
+        raise ValueError(f"{path}: expected a mapping with a `claims:` list")
+    for i, c in enumerate(table):
+        where = f"{path}: claims[{i}]"
+        if not isinstance(c, dict) or not isinstance(c.get("claim"), str) or not isinstance(c.get("checks"), list):
+            raise ValueError(f"{where}: needs `claim: text` and `checks: [...]`")
+        for j, chk in enumerate(c["checks"]):
+            _check_check(chk, f"{where}.checks[{j}]")
+    return table
+
+
+def _check_check(chk, where: str) -> None:
+    if not isinstance(chk, dict):
+        raise ValueError(f"{where}: a check is a mapping")
+    unknown = sorted(set(chk) - _CHECK_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_CHECK_KEYS))})")
+    for key in ("experiment", "metric"):
+        if not isinstance(chk.get(key), str):
+            raise ValueError(f"{where}: `{key}` is required (a name)")
+    kinds = [k for k in _KINDS if k in chk]
+    if len(kinds) != 1:
+        raise ValueError(f"{where}: give exactly one of {', '.join(_KINDS)}, got {kinds or 'none'}")
+    kind, spec = kinds[0], chk[kinds[0]]
+    if kind == "order" and not (isinstance(spec, list) and len(spec) >= 2):
+        raise ValueError(f"{where}: `order` lists two or more variants, best first")
+    if kind == "better" and not (isinstance(spec, list) and spec and isinstance(chk.get("than"), str)):
+        raise ValueError(f"{where}: `better: [variants]` needs `than: variant`")
+    if kind == "between" and not (isinstance(spec, list) and len(spec) == 2 and chk.get("variants")):
+        raise ValueError(f"{where}: `between: [lo, hi]` needs `variants: [names or glob patterns]`")
+    need = {"gap_closed": ("mc", "base", "best", "at_least"), "ratio": ("of", "to", "at_least")}.get(kind, ())
+    if need and not (isinstance(spec, dict) and all(k in spec for k in need)):
+        raise ValueError(f"{where}: `{kind}` needs {', '.join(need)}")
+    if chk.get("rule", "seeds") not in ("seeds", "direct"):
+        raise ValueError(f"{where}: rule must be `seeds` or `direct`, got {chk['rule']!r}")
+    if not isinstance(chk.get("where", {}), dict):
+        raise ValueError(f"{where}: `where` maps row fields to values")
+
+
+def samples(res: dict, metric: str) -> tuple[dict, dict]:
+    """``({series: {cell: {seed: value}}}, {series: training length})`` of one metric of one experiment.
+
+    A cell is a tuple of ``(field, value)`` pairs (:data:`CELL_FIELDS`); a series is a variant, or
+    ``variant/mode`` where rows carry a mode. Rows are read from ``res["runs"][*]["rows"]`` (or
+    ``res["rows"]``, whose rows name their variant); a row either holds the metric as a field or is a
+    ``{"metric": name, "value": x}`` row. Skipped rows (``"skipped"``) and missing values are left out.
+    """
+    task = res.get("task", "")
+    fields = CELL_FIELDS.get(task, ("seq_len",))
+    extra = SERIES_FIELDS.get(task, ())
+    acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    train_len: dict = {}
+    for run in res.get("runs") or [{"rows": res.get("rows", [])}]:
+        for row in run.get("rows", []):
+            if row.get("skipped"):
+                continue
+            if "metric" in row:
+                if row["metric"] != metric:
+                    continue
+                value = row.get("value")
+            else:
+                value = row.get(metric)
+            if value is None:
+                continue
+            variant = row.get("variant", run.get("variant"))
+            series = "/".join([str(variant)] + [str(row[f]) for f in extra if f in row])
+            cell = tuple((f, row[f]) for f in fields if f in row)
+            acc[series][cell][run.get("seed", 0)].append(float(value))
+            if "train_seq_len" in run:
+                train_len[series] = run["train_seq_len"]
+    data = {s: {c: {seed: sum(v) / len(v) for seed, v in by_seed.items()} for c, by_seed in cells.items()}
+            for s, cells in acc.items()}
+    return data, train_len
+
+
+def _matches(value, want, series_train_len) -> bool:
+    if want == "train":
+        return value == series_train_len
+    if isinstance(want, list):
+        return value in want
+    if isinstance(want, dict):
+        tests = {"gt": lambda x: value > x, "ge": lambda x: value >= x, "lt": lambda x: value < x,
+                 "le": lambda x: value <= x}
+        return value is not None and all(tests[op](x) for op, x in want.items())
+    return value == want
+
+
+def select_cells(data: dict, train_len: dict, series: list[str], where: dict) -> list[tuple]:
+    """The cells every one of ``series`` has that pass ``where`` (``max``/``min`` apply last)."""
+    common = set.intersection(*(set(data[s]) for s in series))
+    cells = [c for c in common if all(_matches(dict(c).get(f), w, train_len.get(s))
+                                      for f, w in where.items() if w not in ("max", "min") for s in series)]
+    for f, w in where.items():
+        if w in ("max", "min") and cells:
+            best = (max if w == "max" else min)(dict(c).get(f) for c in cells)
+            cells = [c for c in cells if dict(c).get(f) == best]
+    return sorted(cells, key=lambda c: [str(v) if not isinstance(v, (int, float)) else v for _, v in c])
+
+
+def _groups(cells: list[tuple], per: str) -> list[tuple[str, list[tuple]]]:
+    """``[(label, cells)]``: one group of all cells, one per cell, or one per value of a field."""
+    if per == "all":
+        return [("", cells)] if cells else []
+    if per == "cell":
+        return [(", ".join(_FIELD_NAMES.get(f, f + "={}").format(v) for f, v in c), [c]) for c in cells]
+    values = sorted({dict(c).get(per) for c in cells}, key=lambda v: (v is None, v))
+    return [(_FIELD_NAMES.get(per, per + "={}").format(v), [c for c in cells if dict(c).get(per) == v])
+            for v in values]
+
+
+def per_seed(data: dict, series: str, cells: list[tuple]) -> list[float]:
+    """One value per seed: the mean over ``cells`` of that seed's values (cells of one seed are correlated,
+    so the spread that counts is between seeds)."""
+    seeds = sorted({s for c in cells for s in data[series][c]})
+    return [mean_std([data[series][c][s] for c in cells if s in data[series][c]])[0] for s in seeds]
+
+
+def contrast(values: dict[str, list[float]], weights: dict[str, float],
+             rule: str = "seeds") -> tuple[str, float, float]:
+    """``(verdict, d, se)`` for ``d = sum_i w_i mean_i > 0``; ``se = sqrt(sum_i w_i² se_i²)`` (independent
+    runs). ``yes``: d > 2 se; ``no``: d < -2 se; ``not measurable``: fewer than :data:`MIN_SEEDS` seeds in
+    some series, or |d| <= 2 se. ``rule="direct"`` judges the sign of d alone (measurements without seeds)."""
+    stats = {s: mean_se(values[s]) for s in weights}
+    d = sum(w * stats[s][0] for s, w in weights.items())
+    se = sum((w * stats[s][1]) ** 2 for s, w in weights.items()) ** 0.5
+    if rule == "direct":
+        return ("yes" if d > 0 else "no"), d, 0.0
+    if min(len(values[s]) for s in weights) < MIN_SEEDS:
+        return NOT_MEASURABLE, d, se
+    if d > 2 * se:
+        return "yes", d, se
+    if d < -2 * se:
+        return "no", d, se
+    return NOT_MEASURABLE, d, se
+
+
+def combine(verdicts: list[str]) -> str:
+    """One verdict from several: all the same gives that one, a mix gives ``partly``; ``not measured`` parts
+    are left out (all of them: ``not measured``)."""
+    vs = [v for v in verdicts if v != NOT_MEASURED]
+    if not vs:
         return NOT_MEASURED
-    return "yes" if all(ok) else ("no" if not any(ok) else "partly")
+    return vs[0] if all(v == vs[0] for v in vs) else "partly"
 
 
-def claims(results: dict[str, dict]) -> list[tuple[str, str, str]]:
-    """``[(paper claim, our measurement, reproduced?)]`` for SPEC.md §4 and the equal-state control."""
+def _fmt_value(metric: str, x: float) -> str:
+    if metric.endswith("tokens_per_s"):
+        return f"{x:,.0f}"
+    return f"{x:.2f}" if metric in LOWER_IS_BETTER else f"{x:.3f}"
+
+
+def _fmt_series(metric: str, name: str, xs: list[float], rule: str) -> str:
+    m, se = mean_se(xs)
+    if rule == "direct" or len(xs) < 2:
+        return f"{name} {_fmt_value(metric, m)}"
+    return f"{name} {_fmt_value(metric, m)} ± {_fmt_value(metric, se)}"
+
+
+def _relation(verdict: str, diff: float, rule: str, n_min: int) -> str:
+    """How the measurement column relates two values (``diff`` = left - right): ``>``/``<`` beyond 2 SE (any
+    difference under ``direct``), ``≈`` within 2 SE, ``vs`` with too few seeds for a verdict."""
+    if rule != "direct" and n_min < MIN_SEEDS:
+        return "vs"
+    if verdict == NOT_MEASURABLE:
+        return "≈"
+    return ">" if diff > 0 else "<"
+
+
+def _named(chk: dict, kind: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The series a check names (for ``between``: its two ends first) and, for order/better, its pairs."""
+    spec = chk[kind]
+    if kind == "order":
+        return list(spec), list(zip(spec, spec[1:], strict=False))
+    if kind == "better":
+        return [*spec, chk["than"]], [(a, chk["than"]) for a in spec]
+    if kind == "gap_closed":
+        return [spec["mc"], spec["base"], spec["best"]], []
+    if kind == "ratio":
+        return [spec["of"], spec["to"]], []
+    return list(spec), []
+
+
+def evaluate_check(chk: dict, results: dict[str, dict]) -> tuple[str, str]:
+    """``(measurement text, verdict)`` of one declared check on the results (format: :func:`load_claims`)."""
+    label = chk.get("label", chk["experiment"])
+    res = results.get(chk["experiment"])
+    if not res:
+        return "", NOT_MEASURED
+    metric, rule, per = chk["metric"], chk.get("rule", "seeds"), str(chk.get("per", "all"))
+    sign = -1.0 if chk.get("lower_is_better", metric in LOWER_IS_BETTER) else 1.0
+    kind = next(k for k in _KINDS if k in chk)
+    spec = chk[kind]
+    data, train_len = samples(res, metric)
+    named, pairs = _named(chk, kind)
+    missing = [s for s in named if s not in data]
+    note = f" (no {', '.join(missing)} in {chk['experiment']})" if missing else ""
+    if missing and kind in ("order", "better"):  # compare the variants that were run, as the order stands
+        named = [s for s in named if s in data]
+        pairs = (list(zip(named, named[1:], strict=False)) if kind == "order" else
+                 [(a, b) for a, b in pairs if a in data and b in data])
+    if (missing and kind not in ("order", "better")) or (kind in ("order", "better") and not pairs):
+        return f"{label}: nothing to compare{note} ({NOT_MEASURED})", NOT_MEASURED
+    if kind == "between":
+        named += sorted({s for s in data for p in chk["variants"] if fnmatch.fnmatchcase(s, p)} - set(named))
+    groups = _groups(select_cells(data, train_len, named, chk.get("where") or {}), per)
+    if not groups:
+        return f"{label}: no cell that every variant has ({NOT_MEASURED})", NOT_MEASURED
+
+    def show(s: str, vals: dict) -> str:
+        return _fmt_series(metric, s, vals[s], rule)
+
+    verdicts: list[str] = []
+    texts: list[str] = []
+    pair_stats: list[tuple[str, float]] = []  # (verdict, a - b) of every pair of every group, in order
+    n_min = MIN_SEEDS
+    for _, cells in groups:
+        vals = {s: per_seed(data, s, cells) for s in named}
+        n = min(len(v) for v in vals.values())
+        n_min = min(n_min, n)
+        mean = {s: mean_se(v)[0] for s, v in vals.items()}
+        if kind in ("order", "better"):
+            out = [contrast(vals, {a: sign, b: -sign}, rule)[0] for a, b in pairs]
+            verdicts += out
+            pair_stats += [(v, mean[a] - mean[b]) for (a, b), v in zip(pairs, out, strict=True)]
+            rel = [_relation(v, mean[a] - mean[b], rule, n) for (a, b), v in zip(pairs, out, strict=True)]
+            if kind == "order":
+                texts.append(show(named[0], vals) + "".join(f" {r} {show(b, vals)}"
+                                                            for (_, b), r in zip(pairs, rel, strict=True)))
+            else:
+                texts.append("; ".join(f"{show(a, vals)} {r} {show(b, vals)}"
+                                       for (a, b), r in zip(pairs, rel, strict=True)))
+        elif kind == "gap_closed":
+            mc, base, best, f = spec["mc"], spec["base"], spec["best"], float(spec["at_least"])
+            # closed >= f  <=>  (mc - base) - f (best - base) > 0: a linear contrast with its own SE
+            v, d, _ = contrast(vals, {mc: sign, base: -sign * (1 - f), best: -sign * f}, rule)
+            verdicts.append(v)
+            gap = mean[best] - mean[base]
+            closed = f"{100 * (mean[mc] - mean[base]) / gap:.0f}%" if gap else "–"
+            texts.append(f"{show(base, vals)} → {show(mc, vals)} vs {show(best, vals)} ({closed} of the gap "
+                         f"closed, {_relation(v, d, rule, n)} {100 * f:.0f}%)")
+        elif kind == "ratio":
+            a, b, f = spec["of"], spec["to"], float(spec["at_least"])
+            v, d, _ = contrast(vals, {a: 1.0, b: -f}, rule)  # of / to >= f on the values themselves
+            verdicts.append(v)
+            texts.append(f"{mean[a] / mean[b]:.2f} ({_relation(v, d, rule, n)} {f:g})")
+        else:  # between: each variant beyond 2 SE above the lower end and below the upper one
+            lo, hi = sorted(spec, key=mean.get)
+            inside = []
+            for s in named[2:]:
+                two = [contrast(vals, {s: 1.0, lo: -1.0}, rule)[0], contrast(vals, {hi: 1.0, s: -1.0}, rule)[0]]
+                inside.append("no" if "no" in two else combine(two))
+            verdicts += inside
+            texts.append(", ".join(show(s, vals) for s in named)
+                         + f" ({inside.count('yes')}/{len(inside)} between {spec[0]} and {spec[1]})")
+
+    if len(groups) * len(pairs) > 6:  # many comparisons: counts per pair, not a list
+        parts = []
+        for i, (a, b) in enumerate(pairs):
+            st = pair_stats[i::len(pairs)]
+            better = sum(sign * d > 0 for _, d in st)
+            where = "cells" if per == "cell" else f"{per} values"
+            parts.append(f"{a} vs {b}: better mean in {better}/{len(st)} {where}"
+                         + (f" (fewer than {MIN_SEEDS} seeds)" if rule != "direct" and n_min < MIN_SEEDS else
+                            f", beyond 2 SE in {sum(v == 'yes' for v, _ in st)}, worse beyond 2 SE in "
+                            f"{sum(v == 'no' for v, _ in st)}"))
+        text = "; ".join(parts)
+    elif per == "all":
+        text = texts[0]
+    else:
+        text = "; ".join(f"{g}: {t}" for (g, _), t in zip(groups, texts, strict=True))
+    verdict = combine(verdicts)
+    return f"{label}: {text}{note} ({verdict})", verdict
+
+
+def claims(results: dict[str, dict], table: list[dict] | None = None) -> list[tuple[str, str, str]]:
+    """``[(claim, our measurement, verdict)]`` of every claim of ``table`` (default: :data:`DEFAULT_CLAIMS`)."""
+    table = load_claims() if table is None else table
     out = []
-    mq = results.get("mqar")
-    cells = mqar_cells(mq) if mq else {}
-    train_L = run_info(mq)[next(iter(cells))]["train_seq_len"] if cells else None
-    at_train = [k for k in next(iter(cells.values()), {}) if k[0] == train_L] if cells else []
-
-    # 1. MC beats its base RNN everywhere
-    text, ok = [], []
-    if cells and "linear" in cells:
-        for v in MC_LINEAR:
-            if v in cells:
-                wins = [_mean(cells[v][k]) > _mean(cells["linear"][k]) for k in cells["linear"] if k in cells[v]]
-                ok.append(all(wins))
-                text.append(f"MQAR {v} > linear in {sum(wins)}/{len(wins)} cells")
-    deep = results.get("mqar_deep")
-    if deep:
-        dc = mqar_cells(deep)
-        for v in ("dla_grm", "dla_soup"):
-            if v in dc and "dla" in dc:
-                wins = [_mean(dc[v][k]) > _mean(dc["dla"][k]) for k in dc["dla"] if k in dc[v]]
-                ok.append(all(wins))
-                text.append(f"{v} > dla in {sum(wins)}/{len(wins)}")
-    niah = results.get("niah")
-    if niah:
-        s = niah_summary(niah)
-        if "linear" in s:
-            for v in ("grm", "ssc"):
-                if v in s:
-                    a, b = _mean(s[v].values()), _mean(s["linear"].values())
-                    ok.append(a > b)
-                    text.append(f"S-NIAH mean {v} {a:.3f} vs linear {b:.3f}")
-    lm = results.get("lm")
-    if lm:
-        p = {v: _mean(r["value"] for r in rs) for v, rs in lm_rows(lm, "ppl").items()}
-        for v in ("grm", "ssc"):
-            if v in p and "linear" in p:
-                ok.append(p[v] < p["linear"])
-                text.append(f"perplexity {v} {p[v]:.2f} vs linear {p['linear']:.2f}")
-    out.append(("MC beats its base RNN everywhere", "; ".join(text) or "–", _verdict(ok)))
-
-    # 2. GRM > Soup > SSC > Residual > base
-    text, ok = [], []
-    if cells:
-        avg = {v: cell_mean(cells, v) for v in ("grm", "ssc", "residual", "linear") if v in cells}
-        order = sorted(avg, key=avg.get, reverse=True)
-        text.append("MQAR mean over all cells: " + " > ".join(f"{v} {avg[v]:.3f}" for v in order))
-        want = [v for v in ("grm", "ssc", "residual", "linear") if v in avg]
-        ok += [avg[a] > avg[b] for a, b in zip(want, want[1:])]
-    if deep:
-        dc = mqar_cells(deep)
-        if "dla_grm" in dc and "dla_soup" in dc:
-            g, s_ = cell_mean(dc, "dla_grm"), cell_mean(dc, "dla_soup")
-            ok.append(g > s_)
-            text.append(f"DLA: grm {g:.3f} vs soup {s_:.3f}")
-    out.append(("GRM > Soup > SSC > Residual > base (accuracy)", "; ".join(text) or "–", _verdict(ok)))
-
-    # 3. attention still best, MC closes most of the gap
-    text, ok = [], []
-    if cells and {"attention", "linear", "grm"} <= set(cells):
-        a, b, g = (cell_mean(cells, v, at_train) for v in ("attention", "linear", "grm"))
-        closed = (g - b) / (a - b) if a > b else 0.0
-        text.append(f"MQAR at the training length: linear {b:.3f} → grm {g:.3f} vs attention {a:.3f} "
-                    f"({100 * closed:.0f}% of the gap closed)")
-        ok += [a >= g, closed > 0.5]
-    if niah:
-        s = niah_summary(niah)
-        if {"attention", "linear", "grm"} <= set(s):
-            m = max(k[1] for k in s["grm"] if k[0] == 3) if any(k[0] == 3 for k in s["grm"]) else None
-            if m is not None:
-                a, b, g = (s[v].get((3, m)) for v in ("attention", "linear", "grm"))
-                text.append(f"S-NIAH-3 (UUID) at {m}x: linear {fmt(b)} → grm {fmt(g)} vs attention {fmt(a)}")
-                if None not in (a, b, g):
-                    ok.append(a >= g > b)
-    out.append(("The Transformer is still best on hard recall; MC closes most of the gap", "; ".join(text) or "–",
-                _verdict(ok)))
-
-    ab = results.get("ablations")
-    ac = mqar_cells(ab) if ab else {}
-    # 4. constant > logarithmic
-    if {"grm_seg4", "grm_logarithmic"} <= set(ac):
-        c, lg = cell_mean(ac, "grm_seg4"), cell_mean(ac, "grm_logarithmic")
-        out.append(("Constant segments beat logarithmic ones (Log-Linear++)",
-                    f"MQAR mean: constant (C=4) {c:.3f} vs logarithmic (C=4 units) {lg:.3f}", _verdict([c > lg])))
-    else:
-        out.append(("Constant segments beat logarithmic ones (Log-Linear++)", "–", NOT_MEASURED))
-    # 5. context-dependent gates
-    if {"grm_seg4", "grm_input_scores"} <= set(ac):
-        c, i = cell_mean(ac, "grm_seg4"), cell_mean(ac, "grm_input_scores")
-        out.append(("Context-dependent gates matter (input-only gates drop retrieval)",
-                    f"MQAR mean: context-dependent {c:.3f} vs input-only (position) scores {i:.3f}",
-                    _verdict([c > i])))
-    else:
-        out.append(("Context-dependent gates matter (input-only gates drop retrieval)", "–", NOT_MEASURED))
-
-    # 6. throughput (throughput.yaml's names: `linear`, `linear_ssc`, `linear_grm`, ...)
-    tp = results.get("throughput")
-    text, ok = [], []
-    if tp:
-        by = defaultdict(dict)
-        for r in throughput_rows(tp):
-            if not r.get("skipped"):
-                by[r["variant"]][r["seq_len"]] = r["train_tokens_per_s"]
-        lens = sorted(set(by.get("linear", {})) & set(by.get("linear_ssc", {})))
-        if lens:
-            ratios = [by["linear_ssc"][L] / by["linear"][L] for L in lens]
-            text.append("SSC / base training tokens/s: " + ", ".join(
-                f"{r:.2f} at {L}" for r, L in zip(ratios, lens, strict=True)))
-            ok.append(ratios[-1] >= 0.5)
-        if lens and "attention" in by and lens[-1] in by["attention"]:
-            last = lens[-1]
-            mc = [v for v in by if v.startswith("linear_") and last in by[v]]
-            inside = [min(by["attention"][last], by["linear"][last]) <= by[v][last]
-                      <= max(by["attention"][last], by["linear"][last]) for v in mc]
-            text.append(f"at {last}: attention {by['attention'][last]:,.0f}, linear {by['linear'][last]:,.0f}, "
-                        + ", ".join(f"{v} {by[v][last]:,.0f}" for v in mc) + f" tokens/s ({sum(inside)}/"
-                        f"{len(inside)} MC variants between the two)")
-            ok.append(all(inside))
-    out.append(("SSC stays close to the base RNN's training throughput; MC sits between the RNN and the "
-                "Transformer", "; ".join(text) or "–", _verdict(ok)))
-
-    # 7. post-training MC
-    text, ok = [], []
-    if lm:
-        ex = extrapolation(lm)
-        base, post = ex.get(("linear", "as_trained")), ex.get(("linear", "post_training_mc"))
-        if base and post:
-            for m in sorted(set(base) & set(post)):
-                if m > 1:
-                    ok.append(post[m] < base[m])
-                    text.append(f"{m}x: {base[m]:.2f} → {post[m]:.2f}")
-            text = ["linear perplexity as trained → with post-training MC: " + ", ".join(text)]
-    out.append(("Post-training MC (uniform average of cached memories) improves length extrapolation",
-                "; ".join(text) or "–", _verdict(ok)))
-
-    # 8. the equal-state control (the issue's question, not a paper claim)
-    if cells and {"linear_equal_state", "grm"} <= set(cells):
-        lens = sorted({k[0] for k in cells["grm"]})
-        parts, ok = [], []
-        for L in lens:
-            ks = [k for k in cells["grm"] if k[0] == L]
-            g, e = cell_mean(cells, "grm", ks), cell_mean(cells, "linear_equal_state", ks)
-            parts.append(f"L={L}: grm {g:.3f} vs control {e:.3f}")
-            ok.append(g > e)
-        out.append(("(ours) MC beats the base RNN given the same state size (equal-state control)",
-                    "; ".join(parts), _verdict(ok)))
+    for c in table:
+        done = [evaluate_check(chk, results) for chk in c["checks"]]
+        text = "; ".join(t for t, _ in done if t) or "–"
+        out.append((c["claim"], text, combine([v for _, v in done])))
     return out
 
 
 # --- the document ------------------------------------------------------------------------------------------
 
 
-def build(results: dict[str, dict], out: str | Path = "docs/results.md") -> Path:
-    """Write the report (markdown + figures) and return its path."""
+def build(results: dict[str, dict], out: str | Path = "docs/results.md",
+          claims_file: str | Path = DEFAULT_CLAIMS) -> Path:
+    """Write the report (markdown + figures) and return its path; the claims come from ``claims_file``."""
+    table = load_claims(claims_file)
     out = Path(out)
     figs = out.with_suffix("")
     figs.mkdir(parents=True, exist_ok=True)
@@ -496,13 +732,22 @@ def build(results: dict[str, dict], out: str | Path = "docs/results.md") -> Path
            "names the command, experiment file, commit and machine behind its numbers. Reproduce everything with "
            "`mcrnn eval all --jobs 2 --threads 1 && mcrnn report` (CPU), or one experiment with "
            "`mcrnn eval TASK configs/eval/NAME.yaml`. Accuracies are on held-out examples; `a ± b` is the mean "
-           "and the standard deviation over seeds.", ""]
+           "and the standard deviation over seeds (in the claims table: the standard error).", ""]
     total = sum(r.get("wall_seconds", 0) for r in results.values())
     if results:
         doc += [f"Experiments found: {', '.join(results)}; their wall times add up to {total / 60:.0f} min.", ""]
 
     doc += ["## Paper claims (SPEC.md §4) against our measurements", "",
-            md_table(["claim", "our measurement", "reproduced?"], [list(c) for c in claims(results)]), "",
+            f"Each claim is measured by the checks declared in `{claims_file}`; the verdicts follow these "
+            f"rules. A comparison holds when the difference of the means over seeds exceeds twice its standard "
+            f"error (SE of a difference of means = sqrt(se_a² + se_b²); the gap and ratio checks use the same "
+            f"rule on their linear combination). **yes**: every comparison of the claim holds; **no**: every "
+            f"one goes the other way beyond 2 SE; **{NOT_MEASURABLE}**: fewer than {MIN_SEEDS} seeds, or "
+            f"differences within 2 SE; **partly**: a mix; **{NOT_MEASURED}**: the experiment was not run. "
+            f"Throughput checks compare timings directly (no seeds). In the measurements `m ± s` is the mean "
+            f"and its standard error over seeds, `>`/`<` a difference beyond 2 SE, `≈` one within 2 SE and "
+            f"`vs` two values with too few seeds to tell; each check ends with its own verdict.", "",
+            md_table(["claim", "our measurement", "reproduced?"], [list(c) for c in claims(results, table)]), "",
             "The paper's numbers come from 760M–1.3B-parameter models trained on billions of tokens; ours from "
             "~0.1M-parameter models trained for minutes on a CPU. \"Reproduced\" means the *direction* of the "
             "effect holds in our setting, not its size.", ""]
@@ -517,11 +762,9 @@ def build(results: dict[str, dict], out: str | Path = "docs/results.md") -> Path
         if res.get("description"):
             doc += [res["description"].strip(), ""]
         doc += [provenance(res), "", mqar_table(res), ""]
-        diverged = [(r["variant"], r["seed"], row["seq_len"], row["num_kv_pairs"]) for r in res["runs"]
-                    for row in r["rows"] if row.get("diverged")]
-        if diverged:
-            doc += ["Cells where a run's state overflowed (NaN) and scored 0: " + ", ".join(
-                f"`{v}` seed {s} at L={L}, n={n}" for v, s, L, n in diverged) + ".", ""]
+        div = divergence_table(res)
+        doc += (["Examples whose output was not finite (the state overflowed), scored wrong; the fraction per "
+                 "cell, mean over seeds:", "", div, ""] if div else ["No example diverged.", ""])
         png = mqar_plot(res, figs / f"{name}.png", name)
         doc += [f"![{name}]({rel}/{png.name})", ""]
         if name == "mqar":
@@ -541,7 +784,9 @@ def build(results: dict[str, dict], out: str | Path = "docs/results.md") -> Path
 
     doc += section("Single needle in a haystack (S-NIAH-1/2/3)", "niah", lambda res: [
         "Exact match of the greedy continuation (through `generate` with the model's cache), averaged over the "
-        "needle depths:", "", niah_table(res), "", f"![niah]({rel}/{niah_plot(res, figs / 'niah.png').name})", ""])
+        "needle depths, then the fraction of answer bytes right (partial credit):", "", niah_table(res), "",
+        *([niah_table(res, "byte_accuracy"), ""] if niah_summary(res, "byte_accuracy") else []),
+        f"![niah]({rel}/{niah_plot(res, figs / 'niah.png').name})", ""])
     doc += section("Language modelling, length extrapolation and post-training MC", "lm", lambda res: [
         lm_table(res), "",
         "Perplexity on longer windows of the held-out split; `post_training_mc` is the model trained with "
@@ -559,12 +804,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("roots", nargs="*", default=["results/eval"], help="directories holding experiment results")
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--quick", action="store_true", help="read the --quick results instead of the full ones")
+    p.add_argument("--claims", default=DEFAULT_CLAIMS, help="the claims and their checks (YAML)")
     args = p.parse_args(argv)
     results = load_results(args.roots, quick=args.quick)
     if not results:
         print(f"mcrnn report: no results.json under {args.roots} (run `mcrnn eval ...` first)", file=sys.stderr)
         return 2
-    path = build(results, args.out)
+    try:
+        path = build(results, args.out, args.claims)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mcrnn report: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {path} from {len(results)} experiment(s): {', '.join(results)}")
     return 0
 
