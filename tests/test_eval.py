@@ -161,8 +161,26 @@ def test_state_floats():
     assert state_counts({**base, "mixer": ["attention", "mc"], "aggregation": "none"}, 64) == {
         "memory": 2 * 16, "summaries": 0, "kv": 2 * 64 * 2 * 4}
     deep = {**base, "memory": "titans", "memory_depth": 2, "expansion": 2, "mini_batch": 4, "aggregation": "soup"}
-    # per head: a 2-layer MLP 4 -> 8 -> 4 (64 floats) and its momentum, online + 7 caches
-    assert state_counts(deep, 64) == {"memory": 2 * 2 * 2 * 64 * 8, "summaries": 2 * 2 * 4 * 8, "kv": 0}
+    # per head: a 2-layer MLP 4 -> 8 -> 4 (64 floats); online: the weights, their mini-batch start and the
+    # momentum; each of the 7 caches keeps the weights only (what a read needs)
+    assert state_counts(deep, 64) == {"memory": 2 * 2 * (3 * 64 + 7 * 64), "summaries": 2 * 2 * 4 * 8, "kv": 0}
+
+
+@pytest.mark.parametrize("memory", ["linear", "swla", "dla", "titans"])
+def test_state_counts_are_the_floats_of_the_decode_state(memory):
+    """The counts are what an MCState really holds after `seq_len` tokens (one layer, one sequence)."""
+    from mcrnn.layers import MCCache, MemoryCachingAttention
+
+    cfg = {"hidden_size": 16, "num_heads": 2, "head_dim": 4, "num_hidden_layers": 1, "segment_size": 8,
+           "memory": memory, "aggregation": "grm", "expansion": 2, "mini_batch": 4}
+    layer = MemoryCachingAttention(16, 2, head_dim=4, memory=memory, aggregation="grm", segment_size=8, expansion=2,
+                                   mini_batch=4, layer_idx=0)
+    cache = MCCache(num_layers=1)
+    layer(torch.randn(1, 61, 16), past_key_values=cache, use_cache=True)
+    st = cache[0].mc
+    memory_floats = sum(x.numel() for x in st.online.values()) + sum(x.numel() for x in st.cache.values())
+    summary_floats = st.key_sum.numel() + st.cache_key_sum.numel()
+    assert state_counts(cfg, 61) == {"memory": memory_floats, "summaries": summary_floats, "kv": 0}
 
 
 def test_mean_std():

@@ -184,31 +184,23 @@ def state_counts(model_cfg: dict, seq_len: int) -> dict[str, int]:
     from mcrnn.models import MCConfig
 
     c = MCConfig(**{k: v for k, v in model_cfg.items()})
-    mixers = c.mixer if isinstance(c.mixer, list) else [c.mixer] * c.num_hidden_layers
-    H, K = c.num_heads, c.head_dim
-    V = int(K * c.expand_v)
+    spec = c.mc_spec
+    H, K, V = c.num_heads, c.head_dim, c.head_v_dim
+    numel = spec.mem.state_numel(K, V, memory_depth=c.memory_depth, expansion=c.expansion)
+    caches = 0
+    if spec.agg.reads_caches and seq_len > spec.segment_size:
+        units = seq_len // spec.segment_size
+        caches = max(bin(units).count("1"), 1) if spec.segmentation == "logarithmic" else (seq_len - 1) // spec.segment_size
+    summary_dim = 1 if spec.cache_scores == "input" else K
     out = {"memory": 0, "summaries": 0, "kv": 0}
-    for mixer in mixers:
+    for mixer in c.layer_mixers:
         if mixer == "attention":
             out["kv"] += 2 * seq_len * H * K
             continue
-        deep = c.memory in ("dla", "titans")
-        if deep:
-            per = V * K if c.memory_depth == 1 else V * c.expansion * K + c.expansion * K * K
-            if c.memory == "titans":
-                per *= 2  # the momentum
-        else:
-            per = K * V
-        caches = 0
-        if c.aggregation != "none" and seq_len > c.segment_size:
-            if c.segmentation == "logarithmic":
-                units = seq_len // c.segment_size
-                caches = max(bin(units).count("1"), 1)
-            else:
-                caches = (seq_len - 1) // c.segment_size
-        out["memory"] += H * per * (1 + caches)
-        if c.aggregation in ("grm", "soup", "ssc"):
-            out["summaries"] += H * K * (1 + caches)
+        # the online memory in full (e.g. Titans' momentum too), the caches only what a read needs
+        out["memory"] += H * (numel["state"] + caches * numel["cache"])
+        if spec.scored:
+            out["summaries"] += H * summary_dim * (1 + caches)
     return out
 
 

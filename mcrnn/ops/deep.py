@@ -565,8 +565,8 @@ class _DeepMemory(Memory):
 
     def state_numel(self, K, V, *, memory_depth=2, expansion=4):
         weights = V * K if memory_depth == 1 else 2 * expansion * K * K
-        momentum = weights if self.kind == "titans" else 0
-        return {"state": weights + momentum, "cache": weights}
+        # the online state holds the weights, the weights at the mini-batch's start and (titans) the momentum
+        return {"state": weights * (3 if self.kind == "titans" else 2), "cache": weights}
 
     def soup(self, q, k, v, gates, *, blocks, gamma_online, scan_kwargs):
         """Memory Soup over the MLP: `y = x + (Σ γ_i W1_i) gelu((Σ γ_i W2_i) x)`, `x = scale · q`. The cached
