@@ -189,8 +189,10 @@ def state_counts(model_cfg: dict, seq_len: int) -> dict[str, int]:
     numel = spec.mem.state_numel(K, V, memory_depth=c.memory_depth, expansion=c.expansion)
     caches = 0
     if spec.agg.reads_caches and seq_len > spec.segment_size:
-        units = seq_len // spec.segment_size
-        caches = max(bin(units).count("1"), 1) if spec.segmentation == "logarithmic" else (seq_len - 1) // spec.segment_size
+        if spec.segmentation == "logarithmic":
+            caches = max(bin(seq_len // spec.segment_size).count("1"), 1)
+        else:
+            caches = (seq_len - 1) // spec.segment_size
     summary_dim = 1 if spec.cache_scores == "input" else K
     out = {"memory": 0, "summaries": 0, "kv": 0}
     for mixer in c.layer_mixers:
