@@ -8,7 +8,8 @@ from torch import nn
 
 from mcrnn.layers.cache import MCCache
 from mcrnn.layers.utils import RMSNorm, ShortConvolution, check_padding_mask
-from mcrnn.ops import MCSpec, memory_caching
+from mcrnn.ops import MCSpec, memory_caching, memory_caching_step
+from mcrnn.ops.mc import make_options
 
 
 class GateLinear(nn.Linear):
@@ -174,15 +175,37 @@ class MemoryCachingAttention(nn.Module):
             gates = {n: torch.where(kg, g, torch.full_like(g, spec_gates[n].on_pad)) for n, g in gates.items()}
 
         want_state = state is not None and use_cache
-        o, mc_state = memory_caching(
-            q, k, v, u, gates=gates, initial_state=state.mc if state is not None else None,
-            output_final_state=want_state, summary_keys=summary_keys, **self.op_kwargs(),
-        )
+        if T == 1 and want_state and state.mc is not None:
+            o, mc_state = self._decode_step(q, k, v, u, gates, summary_keys, state.mc)
+        else:
+            o, mc_state = memory_caching(
+                q, k, v, u, gates=gates, initial_state=state.mc if state is not None else None,
+                output_final_state=want_state, summary_keys=summary_keys, **self.op_kwargs(),
+            )
         if want_state:
             state.mc, state.conv = mc_state, conv_state
             state.seq_len += T
         o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V)), None, past_key_values
+
+    def _decode_step(self, q, k, v, u, gates, summary_keys, mc_state):
+        """One token from the cache: the op's decode step without the per-call checks (the layer built every
+        input itself: gates from sigmoids, state from the previous call). `q, k, v, u: [B, 1, H, D]`."""
+        dt = mc_state.key_sum.dtype
+        Ks = mc_state.key_sum.shape[-1]
+        key = (q.shape[-1], v.shape[-1], Ks, dt, q.device)
+        params = {n: p.to(dt) for n, p in self.memory_params.items()} or None  # live: they may have been trained
+        if getattr(self, "_decode_key", None) != key:  # the checked options depend on dims, dtype and device only
+            self._decode_opts = make_options(spec=self.spec, scale=None, score_scale=None, params=params,
+                                             boundaries=None, K=q.shape[-1], V=v.shape[-1], H=q.shape[2], Ks=Ks)
+            self._decode_key = key
+        self._decode_opts.params = params
+        first = lambda x: x[:, 0].to(dt) if x is not None else None  # [B, 1, H, ...] -> [B, H, ...]
+        o, new_state = memory_caching_step(
+            mc_state, first(q), first(k), first(v), first(u), gates={n: first(g) for n, g in gates.items()},
+            opts=self._decode_opts, summary_keys=first(summary_keys),
+        )
+        return o.unsqueeze(1).to(q.dtype), new_state
 
     def extra_repr(self) -> str:
         scores = f"cache_scores={self.cache_scores!r}, " if self.cache_scores != "context" else ""

@@ -121,6 +121,17 @@ class MCBlock(_BlockBase):
         return hidden_states, past_key_values
 
 
+class MCGenerationConfig(GenerationConfig):
+    """The generation config of the mcrnn models: built from the model config like transformers' own, except
+    that the model config's `top_k` is the SSC router size, not the sampling parameter of the same name."""
+
+    @classmethod
+    def from_model_config(cls, model_config) -> GenerationConfig:
+        d = model_config.to_dict() if not isinstance(model_config, dict) else dict(model_config)
+        d.pop("top_k", None)
+        return super().from_model_config(d)
+
+
 class MCPreTrainedModel(PreTrainedModel):
     config_class = MCConfig
     config: MCConfig
@@ -131,13 +142,7 @@ class MCPreTrainedModel(PreTrainedModel):
     # recurrent states cannot be rolled back: no assisted generation
     _is_stateful = True
 
-    def __init__(self, config: MCConfig, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        # `config.top_k` is the SSC router size: the generation config copies model-config fields of the same
-        # name, and must not take it as the sampling `top_k`
-        gen = getattr(self, "generation_config", None)
-        if gen is not None and config.top_k is not None and gen.top_k == config.top_k:
-            gen.top_k = GenerationConfig().top_k
+    generation_config_class = MCGenerationConfig
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
