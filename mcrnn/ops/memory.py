@@ -135,6 +135,15 @@ class Memory:
         N = next(iter(cache.values())).shape[2]
         return self.read(cache, q.unsqueeze(2).expand(-1, -1, N, -1), scale)
 
+    #: implements :meth:`read_selected` (then `ssc` reads only the selected caches over the whole call at once)
+    selected_reads: bool = False
+
+    def read_selected(self, cache: State, q: torch.Tensor, pick: torch.Tensor, weights: torch.Tensor,
+                      valid: torch.Tensor, scale: float) -> torch.Tensor:
+        """`Σ_j weights[..., j] · read(cache[pick[..., j]], q)`: cache `[B, H, P, ...]`, `q: [B, H, T, K]`,
+        `pick, weights, valid: [B, H, T, k]` (pairs not `valid` have weight 0 and may be skipped) -> `[B, H, T, V]`."""
+        raise NotImplementedError
+
     def readable(self, state: State) -> State:
         return {n: state[n] for n in self.readable_keys}
 

@@ -101,3 +101,76 @@ def _mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def weighted_matmul(w: torch.Tensor, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """`Σ_n w[..., n] · (x @ W_n)` with `W: [*, N·D, V]` the `N` matrices `[D, V]` stacked (see `_WeightedMatmul`)."""
     return _WeightedMatmul.apply(w, x, W)
+
+
+class _SelectedMatmul(torch.autograd.Function):
+    """`out_t = Σ_j w_tj · (x_t @ W[pick_tj])` for matrix states `W: [G, P, D, V]` (`G` = batch · heads),
+    `x: [G, T, D]`, `pick, w: [G, T, k]`; pairs with `valid` False are skipped (their weight must be 0).
+
+    The (token, state) pairs are sorted by state once; each state then reads its tokens with one dense
+    `[n, D] x [D, V]` product, so only the selected states are read and nothing of size `T x k x D x V` is
+    built. The backward recomputes the products (nothing beyond the sort order is stored)."""
+
+    @staticmethod
+    def forward(ctx, w, x, W, pick, valid):
+        G, T, D = x.shape
+        P, V = W.shape[1], W.shape[-1]
+        k = pick.shape[-1]
+        g = torch.arange(G, device=x.device).view(G, 1, 1)
+        key = (g * P + pick).reshape(-1)  # which state each pair reads
+        tok = (g * T + torch.arange(T, device=x.device).view(1, T, 1)).expand(G, T, k).reshape(-1)
+        pair = torch.arange(key.numel(), device=x.device)
+        keep = valid.reshape(-1)
+        key, tok, pair = key[keep], tok[keep], pair[keep]
+        order = torch.argsort(key, stable=True)
+        key, tok, pair = key[order], tok[order], pair[order]
+        counts = torch.bincount(key, minlength=G * P).tolist()  # one host sync per call
+        ctx.save_for_backward(w, x, W, tok, pair)
+        ctx.counts = counts
+        xs = x.reshape(G * T, D)[tok] * w.reshape(-1)[pair].unsqueeze(-1)
+        Wf = W.reshape(G * P, D, V)
+        ys = torch.cat([xs[a:a + c] @ Wf[s] for s, a, c in _groups(counts)] or [xs.new_zeros(0, V)])
+        return x.new_zeros(G * T, V).index_add_(0, tok, ys).view(G, T, V)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        w, x, W, tok, pair = ctx.saved_tensors
+        G, T, D = x.shape
+        P, V = W.shape[1], W.shape[-1]
+        Wf = W.reshape(G * P, D, V)
+        xs = x.reshape(G * T, D)[tok]
+        ws = w.reshape(-1)[pair].unsqueeze(-1)
+        dos = d_out.reshape(G * T, V)[tok]
+        d_w = d_x = d_W = None
+        if ctx.needs_input_grad[0]:
+            ys = torch.cat([xs[a:a + c] @ Wf[s] for s, a, c in _groups(ctx.counts)] or [xs.new_zeros(0, V)])
+            d_w = w.new_zeros(w.numel()).index_put_((pair,), (dos * ys).sum(-1)).view(w.shape)
+        dws = dos * ws
+        if ctx.needs_input_grad[1]:
+            d_xs = torch.cat([dws[a:a + c] @ Wf[s].T for s, a, c in _groups(ctx.counts)] or [xs.new_zeros(0, D)])
+            d_x = x.new_zeros(G * T, D).index_add_(0, tok, d_xs).view(x.shape)
+        if ctx.needs_input_grad[2]:
+            d_W = W.new_zeros(G * P, D, V)
+            for s, a, c in _groups(ctx.counts):
+                d_W[s] = xs[a:a + c].T @ dws[a:a + c]
+            d_W = d_W.view(W.shape)
+        return d_w, d_x, d_W, None, None
+
+
+def _groups(counts: list[int]):
+    """`(state, first pair, number of pairs)` for every state read by at least one pair."""
+    a = 0
+    for s, c in enumerate(counts):
+        if c:
+            yield s, a, c
+            a += c
+
+
+def selected_matmul(w: torch.Tensor, x: torch.Tensor, W: torch.Tensor, pick: torch.Tensor,
+                    valid: torch.Tensor) -> torch.Tensor:
+    """`Σ_j w[..., j] · (x @ W[pick[..., j]])`: `x: [*G, T, D]`, `W: [*G, P, D, V]`, `pick, w, valid: [*G, T, k]`
+    -> `[*G, T, V]`; only the selected states are read (see `_SelectedMatmul`)."""
+    lead = x.shape[:-2]
+    flat = lambda y, n: y.reshape(-1, *y.shape[len(lead):]) if n else y
+    out = _SelectedMatmul.apply(flat(w, 1), flat(x, 1), flat(W, 1), flat(pick, 1), flat(valid, 1))
+    return out.view(*lead, *out.shape[1:])

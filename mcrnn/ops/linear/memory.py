@@ -6,7 +6,7 @@ import torch
 
 from mcrnn.ops.linear.chunk import _log_decay, linear_scan
 from mcrnn.ops.memory import Gate, Memory
-from mcrnn.ops.utils import weighted_matmul
+from mcrnn.ops.utils import selected_matmul, weighted_matmul
 
 
 class LinearMemory(Memory):
@@ -43,6 +43,11 @@ class LinearMemory(Memory):
         S = cache["S"]
         B, H, N, K, V = S.shape
         return weighted_matmul(weights, q * scale, S.reshape(B, H, N * K, V))
+
+    selected_reads = True
+
+    def read_selected(self, cache, q, pick, weights, valid, scale):
+        return selected_matmul(weights, q * scale, cache["S"], pick, valid)
 
     def read_groups(self, states, q, scale):
         return (q * scale) @ states["S"]

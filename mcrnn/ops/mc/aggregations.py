@@ -47,6 +47,11 @@ class Aggregation:
         """A block of `t` tokens against its `n` visible caches -> `[B, H, t, V]`."""
         raise NotImplementedError
 
+    def whole_call(self, mem: Memory, q, u, r, p_on, pool_p, cache: State, visible, *, scale, score_scale, top_k):
+        """The whole call at once instead of block by block (`visible(t0, t1) -> [t1 - t0, P]` bool over the
+        pool); None when this aggregation has no such form for this memory (then the blocks are used)."""
+        return None
+
     def recompute_block(self, mem: Memory, n_visible: int, K: int, V: int, top_k) -> bool:
         """Recompute this block in the backward pass (checkpoint) instead of storing its activations? Linear
         reads through `weighted_matmul` store only `[t, n]` weights, so they need no recomputation."""
@@ -154,6 +159,32 @@ class SSC(Aggregation):
             cache = {n: x.gather(2, idx.view(*idx.shape, *([1] * (x.dim() - 3))).expand(-1, -1, -1, *x.shape[3:]))
                      for n, x in cache.items()}
         return GRM.token(self, mem, online, cache, q, r_on, z, z_on, scale=scale, top_k=top_k)
+
+    #: tokens whose router scores are built at once (bounds the `[B, H, t, P]` score tensor)
+    ROUTER_TOKENS = 4096
+
+    def whole_call(self, mem, q, u, r, p_on, pool_p, cache, visible, *, scale, score_scale, top_k):
+        """For memories with :meth:`~mcrnn.ops.memory.Memory.read_selected`: the router runs over every token
+        and the whole pool (scores `[B, H, t, P]`, a few thousand tokens at a time), then each selected cache
+        reads all of its tokens at once. Reads cost `O(T · k)` states, whatever the number of caches."""
+        if not mem.selected_reads:
+            return None
+        T, P = q.shape[2], pool_p.shape[2]
+        if P == 0:  # nothing cached yet: the online read alone
+            return r
+        kk = min(top_k, P)
+        picks, zs, z_ons = [], [], []
+        for t0 in range(0, T, self.ROUTER_TOKENS):
+            t1 = min(t0 + self.ROUTER_TOKENS, T)
+            z, z_on = scores(u[:, :, t0:t1], pool_p, p_on[:, :, t0:t1], visible(t0, t1), score_scale)
+            z, pick = z.topk(kk, dim=-1)
+            picks.append(pick)
+            zs.append(z)
+            z_ons.append(z_on)
+        z, pick, z_on = (torch.cat(x, dim=2) for x in (zs, picks, z_ons))
+        gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
+        valid = torch.isfinite(z)  # fewer visible caches than top_k: the rest have weight 0
+        return gamma[..., -1:] * r + mem.read_selected(cache, q, pick, gamma[..., :-1], valid, scale)
 
     @staticmethod
     def dense(n_visible: int, K: int, V: int, top_k: int) -> bool:

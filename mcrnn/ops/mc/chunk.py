@@ -262,6 +262,19 @@ def _aggregate(opts: MCOptions, plan: Plan, q, u, r, p_on, pool_states: State, p
     grad = torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, u, r, p_on, pool_p, *pool_states.values())
     )
+    T, dev = q.shape[2], q.device
+    seg = _segment_of_tokens(plan, T, dev)
+    lo = torch.tensor([e.vis_lo for e in plan.entries], device=dev, dtype=torch.long)
+    hi = torch.tensor([e.vis_hi for e in plan.entries], device=dev, dtype=torch.long)
+
+    def visible(t0: int, t1: int) -> torch.Tensor:  # [t1 - t0, P]: which pool entries each token sees
+        s = seg[t0:t1, None]
+        return (lo[None] <= s) & (s < hi[None])
+
+    o = agg.whole_call(mem, q, u, r, p_on, pool_p, pool_states, visible, scale=opts.scale,
+                       score_scale=opts.score_scale, top_k=opts.top_k)
+    if o is not None:
+        return o
     K, V = q.shape[-1], r.shape[-1]
     fn = _AggregateBlock(opts, tuple(pool_states))
     outs = []
