@@ -47,7 +47,6 @@ class MemoryCachingMamba2Mixer(Mamba2Mixer):
         mask (1 = keep) or None."""
         if cache is None:
             cache = kwargs.get("cache_params")
-        batch_size, seq_len, _ = hidden_states.shape
         dtype = hidden_states.dtype
         layer = mc_cache_layer(cache, self.layer_idx) if cache is not None else None
 
@@ -77,7 +76,7 @@ class MemoryCachingMamba2Mixer(Mamba2Mixer):
         return self.out_proj(scan_output.to(dtype))
 
     def _conv(self, x: torch.Tensor, cache) -> torch.Tensor:
-        """transformers' causal conv1d with SiLU, reading and updating the conv state in `cache`; `x: [b, C, T]`."""
+        """transformers' causal conv1d and activation; reads and updates the conv state in `cache`. `x: [b, C, T]`."""
         conv_forward = getattr(modeling_mamba2, "causal_conv1d_forward", None)
         if conv_forward is not None:  # transformers >= 5.25 has it as a function (it also counts the tokens)
             return conv_forward(self.conv1d, x, cache, self.layer_idx, activation=self.activation)
