@@ -9,6 +9,7 @@ _LAZY = {
     "MCConfig": "mcrnn.models",
     "MCForCausalLM": "mcrnn.models",
     "MCModel": "mcrnn.models",
+    "add_memory_caching": "mcrnn.pretrained",
 }
 
 
