@@ -14,6 +14,7 @@ from mcrnn.eval import load_experiment, report, run_task, state_floats
 from mcrnn.eval import mqar as mqar_task
 from mcrnn.eval.cli import SWEEP, parse_dotted
 from mcrnn.eval.common import deep_merge, mean_se, mean_std, state_counts
+from mcrnn.ops import MEMORIES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -166,7 +167,7 @@ def test_state_floats():
     assert state_counts(deep, 64) == {"memory": 2 * 2 * (3 * 64 + 7 * 64), "summaries": 2 * 2 * 4 * 8, "kv": 0}
 
 
-@pytest.mark.parametrize("memory", ["linear", "swla", "dla", "titans"])
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
 def test_state_counts_are_the_floats_of_the_decode_state(memory):
     """The counts are what an MCState really holds after `seq_len` tokens (one layer, one sequence)."""
     from mcrnn.layers import MCCache, MemoryCachingAttention

@@ -6,7 +6,7 @@ import torch
 
 from mcrnn.layers import Attention, MCCache, MemoryCachingAttention, ShortConvolution
 from mcrnn.layers.utils import rotary
-from mcrnn.ops import get_memory
+from mcrnn.ops import MEMORIES, get_memory
 
 D, H = 32, 2
 
@@ -59,7 +59,7 @@ def test_rotary_scores_depend_on_relative_position():
     torch.testing.assert_close(rotary(q, pos(0), 1e4), q)
 
 
-@pytest.mark.parametrize("memory", ["linear", "swla", "dla", "titans"])
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
 @pytest.mark.parametrize("aggregation", ["none", "grm", "ssc"])
 def test_mc_layer_forward_backward(memory, aggregation):
     _memory_or_skip(memory)
@@ -94,7 +94,7 @@ def test_u_projection_only_where_scores_are_read():
         assert (layer.u_proj is not None) == has, (agg, use_u)
 
 
-@pytest.mark.parametrize("memory", ["linear", "swla", "dla", "titans"])
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
 def test_mc_layer_chunks_with_cache_equal_forward(memory):
     _memory_or_skip(memory)
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def test_bad_mask_raises():
         layer(torch.randn(2, 3, D), attention_mask=torch.ones(2, 1, 3, 3))
 
 
-@pytest.mark.parametrize("memory", ["linear", "swla", "dla", "titans"])
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
 def test_mc_left_padding_writes_nothing(memory):
     """The base RNN (aggregation none, checkpoint, mini-batch 1): a left-padded sequence gives the real tokens
     exactly the outputs of the unpadded one, whatever the padded inputs are, so padding wrote nothing."""
@@ -138,7 +138,7 @@ def test_mc_left_padding_writes_nothing(memory):
     torch.testing.assert_close(o[:, 4:], layer(x)[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("memory", ["linear", "swla", "dla", "titans"])
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
 def test_masked_token_leaves_the_memory_unchanged(memory):
     """A masked token after real ones (its convolution window holds real tokens, so its k and v would not be
     zero by themselves) changes none of the memory's weights."""

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from mcrnn.ops import (
     AGGREGATIONS,
+    MEMORIES,
     chunk_linear,
     memory_caching,
     memory_caching_step,
@@ -18,7 +19,9 @@ from mcrnn.ops import (
 )
 from mcrnn.ops.mc import make_options
 
-GATES = {"linear": ("decay",), "swla": ("decay", "prev", "cur")}
+# every registered memory without learned parameters is checked by the shared tests below (a new one too)
+GATES = {n: m.gate_names for n, m in MEMORIES.items() if not m.deep}
+SHALLOW = sorted(GATES)
 TOL = 1e-10
 
 
@@ -54,7 +57,7 @@ def _check_parallel_vs_naive(T, memory, aggregation, init, segmentation, C, boun
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("init", ["checkpoint", "independent"])
 @pytest.mark.parametrize("segmentation, C", [("constant", 8), ("logarithmic", 3)])
-@pytest.mark.parametrize("memory", ["linear", "swla"])
+@pytest.mark.parametrize("memory", SHALLOW)
 def test_parallel_matches_reference(memory, aggregation, init, segmentation, C):
     _check_parallel_vs_naive(37, memory, aggregation, init, segmentation, C)
 
@@ -82,7 +85,7 @@ def test_per_token_logarithmic(init):
 # --- SPEC §2.3 invariants -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-@pytest.mark.parametrize("memory", ["linear", "swla"])
+@pytest.mark.parametrize("memory", SHALLOW)
 def test_one_segment_is_the_base_memory(memory, aggregation):
     q, k, v, u, gates = make_inputs(2, 50, 2, 4, 4, GATES[memory], grad=False)
     o_mc, _ = memory_caching(q, k, v, u, memory=memory, gates=gates, segment_size=64, aggregation=aggregation,
@@ -104,7 +107,7 @@ def test_residual_independent_linear_is_linear_attention():
 
 
 @pytest.mark.parametrize("init", ["checkpoint", "independent"])
-@pytest.mark.parametrize("memory", ["linear", "swla"])
+@pytest.mark.parametrize("memory", SHALLOW)
 def test_soup_equals_grm_for_linear_memories(memory, init):
     q, k, v, u, gates = make_inputs(2, 90, 2, 4, 4, GATES[memory], grad=False)
     kw = dict(memory=memory, gates=gates, segment_size=10, init=init)
@@ -147,7 +150,7 @@ def test_causality():
 @pytest.mark.parametrize("aggregation", ["grm", "ssc", "mean"])
 @pytest.mark.parametrize("init", ["checkpoint", "independent"])
 @pytest.mark.parametrize("segmentation, C", [("constant", 8), ("logarithmic", 2)])
-@pytest.mark.parametrize("memory", ["linear", "swla"])
+@pytest.mark.parametrize("memory", SHALLOW)
 def test_chaining_equals_one_call(memory, aggregation, init, segmentation, C):
     T = 45
     q, k, v, u, gates = make_inputs(2, T, 2, 4, 3, GATES[memory], grad=False)
@@ -237,7 +240,7 @@ def test_initial_state_gradients_flow():
     T=st.integers(1, 40), H=st.integers(1, 3), K=st.integers(1, 5), V=st.integers(1, 5),
     C=st.integers(1, 12), seg=st.sampled_from(["constant", "logarithmic"]),
     init=st.sampled_from(["checkpoint", "independent"]), agg=st.sampled_from(AGGREGATIONS),
-    top_k=st.integers(1, 4), memory=st.sampled_from(["linear", "swla"]), seed=st.integers(0, 10_000),
+    top_k=st.integers(1, 4), memory=st.sampled_from(SHALLOW), seed=st.integers(0, 10_000),
 )
 def test_property_parallel_equals_reference(T, H, K, V, C, seg, init, agg, top_k, memory, seed):
     q, k, v, u, gates = make_inputs(2, T, H, K, V, GATES[memory], grad=False, seed=seed)

@@ -167,11 +167,9 @@ class SSC(Aggregation):
         """For memories with :meth:`~mcrnn.ops.memory.Memory.read_selected`: the router runs over every token
         and the whole pool (scores `[B, H, t, P]`, a few thousand tokens at a time), then each selected cache
         reads all of its tokens at once. Reads cost `O(T · k)` states, whatever the number of caches."""
-        if not mem.selected_reads:
-            return None
         T, P = q.shape[2], pool_p.shape[2]
-        if P == 0:  # nothing cached yet: the online read alone
-            return r
+        if not mem.selected_reads or P == 0 or self.dense(P, q.shape[-1], r.shape[-1], top_k):
+            return None  # few caches or tiny states: the blocks' dense reads cost less than routing
         kk = min(top_k, P)
         picks, zs, z_ons = [], [], []
         for t0 in range(0, T, self.ROUTER_TOKENS):
