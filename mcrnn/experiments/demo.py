@@ -14,7 +14,11 @@ keep all the pairs, the cached segment states (2 pairs per 4-token segment) can.
 held-out sequences (their generator seeds never meet a training batch's). Everything is seeded; on the
 same torch build the numbers are reproducible. See ``docs/training.md`` for how the setting was chosen.
 
-    python -m mcrnn.experiments.demo [--quick] [--out results/demo] [--threads 2]
+    python -m mcrnn.experiments.demo [--quick] [--out results/demo] [--threads 2] [--jobs 2]
+
+The four runs are independent: by default two train at a time, each on one thread (these small models are
+bound by per-op overhead, so two one-thread runs finish in about the time of one two-thread run). A progress
+bar per model and one for the whole demo (with its ETA) follow the runs' logs.
 
 Writes ``OUT/summary.json`` (a list of ``{model, aggregation, accuracy, params, train_seconds}``),
 ``OUT/accuracy.png`` and each run's trainer output under ``OUT/<run>/``.
@@ -24,11 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from mcrnn.train import train, validate
 from mcrnn.train.config import merge
@@ -112,27 +119,84 @@ def plot(rows: list[dict], out: Path, curves: dict[str, list[tuple[int, float]]]
     return path
 
 
+def _train_one(cfg, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    return train(cfg)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _train_all(runs, jobs: int, threads: int, progress: bool) -> list[dict]:
+    """Train every run, `jobs` at a time in worker processes (one run: in this process); a bar per run and
+    one for the total (its ETA) follow the runs' `metrics.jsonl`."""
+    if jobs == 1:
+        out = []
+        for model, agg, name, cfg in runs:
+            print(f"== {name}: {model} / {agg}", flush=True)
+            cfg.train.progress = progress
+            out.append(_train_one(cfg, threads))
+        return out
+    steps = [cfg.train.steps for *_, cfg in runs]
+    bars = []
+    if progress:
+        total = tqdm(total=sum(steps), desc="demo (all runs)", position=0, dynamic_ncols=True)
+        bars = [tqdm(total=n, desc=f"{name:>10}", position=i + 1, dynamic_ncols=True, leave=True)
+                for i, ((_, _, name, _), n) in enumerate(zip(runs, steps, strict=True))]
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold OpenMP threads
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_train_one, cfg, threads) for *_, cfg in runs]
+        done = [False] * len(runs)
+        while not all(done):
+            time.sleep(0.5)
+            for i, ((model, agg, name, cfg), fut) in enumerate(zip(runs, futures, strict=True)):
+                if done[i] or not fut.done():
+                    if progress and not done[i]:
+                        step = max((r["step"] for r in _records(Path(cfg.train.out_dir))
+                                    if "step" in r), default=0)
+                        bars[i].update(step - bars[i].n)
+                    continue
+                done[i] = True
+                if progress:
+                    bars[i].update(steps[i] - bars[i].n)
+                else:
+                    print(f"== {name}: {model} / {agg} done", flush=True)
+            if progress:
+                total.update(sum(b.n for b in bars) - total.n)
+        results = [f.result() for f in futures]
+    for b in bars:
+        b.close()
+    if progress:
+        total.close()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mcrnn demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few steps of tiny models (smoke test)")
     p.add_argument("--out", default="results/demo", help="output directory")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the budget assumes 2 cores)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at the same time (threads are split)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, curves = [], {}
     t_all = time.perf_counter()
-    for model, agg, name, cfg in configs(args.quick, out, progress=not args.no_progress):
-        print(f"== {name}: {model} / {agg}", flush=True)
-        res = train(cfg)
+    runs = configs(args.quick, out, progress=False)
+    jobs = max(1, min(args.jobs, len(runs)))
+    threads = max(1, args.threads // jobs)
+    results = _train_all(runs, jobs, threads, progress=not args.no_progress)
+    rows, curves = [], {}
+    for (model, agg, name, _), res in zip(runs, results, strict=True):
         rows.append({"model": model, "aggregation": agg, "accuracy": res["eval_acc"], "params": res["params"],
                      "train_seconds": res["train_seconds"]})
-        with open(out / name / "metrics.jsonl", encoding="utf-8") as f:
-            recs = [json.loads(line) for line in f]
-        curves[f"{model} {agg}"] = [(r["step"], r["eval_acc"]) for r in recs if "eval_acc" in r]
+        curves[f"{model} {agg}"] = [(r["step"], r["eval_acc"]) for r in _records(out / name) if "eval_acc" in r]
     with open(out / "summary.json", "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=2)
     png = plot(rows, out, curves)

@@ -135,6 +135,15 @@ class Memory:
         N = next(iter(cache.values())).shape[2]
         return self.read(cache, q.unsqueeze(2).expand(-1, -1, N, -1), scale)
 
+    #: implements :meth:`read_weighted_spans` (then the weighted aggregations read the whole call at once)
+    span_reads: bool = False
+
+    def read_weighted_spans(self, cache: State, weights: torch.Tensor, q: torch.Tensor, spans, scale: float):
+        """`Σ_p weights[..., p] · read(cache_p, q)` for a whole call: cache `[B, H, P, ...]`, weights `[B, H, T, P]`,
+        `q: [B, H, T, K]`; `spans`: `(t0, t1, p0, p1)` per token block, the pool range its tokens may read (the
+        weights outside it are 0) -> `[B, H, T, V]`."""
+        raise NotImplementedError
+
     #: implements :meth:`read_selected` (then `ssc` reads only the selected caches over the whole call at once)
     selected_reads: bool = False
 

@@ -174,3 +174,57 @@ def selected_matmul(w: torch.Tensor, x: torch.Tensor, W: torch.Tensor, pick: tor
     flat = lambda y, n: y.reshape(-1, *y.shape[len(lead):]) if n else y
     out = _SelectedMatmul.apply(flat(w, 1), flat(x, 1), flat(W, 1), flat(pick, 1), flat(valid, 1))
     return out.view(*lead, *out.shape[1:])
+
+
+class _SpanWeightedMatmul(torch.autograd.Function):
+    """`out_t = Σ_p w_tp · (x_t @ W_p)` where token block `[t0, t1)` reads only the states `[p0, p1)` of
+    `spans` (its weights outside that range must be 0): `w: [G, T, P]`, `x: [G, T, D]`, `W: [G, P, D, V]`.
+
+    Per block one GEMM over the mixed inputs `[w_t,p0 x_t, ..., w_t,p1-1 x_t] · [W_p0; ...; W_p1-1]` (no
+    `[t, n, V]` intermediate). The whole call is one autograd node: its backward accumulates the state gradients
+    in place instead of zero-filling a full-size gradient per block, and rebuilds the mixed inputs."""
+
+    @staticmethod
+    def forward(ctx, w, x, W, spans):
+        G, T, D = x.shape
+        V = W.shape[-1]
+        out = x.new_zeros(G, T, V)
+        for t0, t1, p0, p1 in spans:
+            if p1 > p0:
+                mixed = (w[:, t0:t1, p0:p1, None] * x[:, t0:t1, None, :]).flatten(2)
+                out[:, t0:t1] = torch.bmm(mixed, W[:, p0:p1].reshape(G, -1, V))
+        ctx.save_for_backward(w, x, W)
+        ctx.spans = spans
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        w, x, W = ctx.saved_tensors
+        G, T, D = x.shape
+        V = W.shape[-1]
+        d_w = torch.zeros_like(w) if ctx.needs_input_grad[0] else None
+        d_x = torch.zeros_like(x) if ctx.needs_input_grad[1] else None
+        d_W = torch.zeros_like(W) if ctx.needs_input_grad[2] else None
+        for t0, t1, p0, p1 in ctx.spans:
+            if p1 <= p0:
+                continue
+            n, dO, xb, wb = p1 - p0, d_out[:, t0:t1], x[:, t0:t1], w[:, t0:t1, p0:p1]
+            if d_w is not None or d_x is not None:
+                d_mixed = torch.bmm(dO, W[:, p0:p1].reshape(G, n * D, V).transpose(1, 2)).view(G, -1, n, D)
+                if d_w is not None:
+                    d_w[:, t0:t1, p0:p1] = (d_mixed * xb.unsqueeze(2)).sum(-1)
+                if d_x is not None:
+                    d_x[:, t0:t1] = (wb.unsqueeze(-2) @ d_mixed).squeeze(-2)
+            if d_W is not None:
+                mixed = (wb.unsqueeze(-1) * xb.unsqueeze(2)).flatten(2)
+                d_W[:, p0:p1] += torch.bmm(mixed.transpose(1, 2), dO).view(G, n, D, V)
+        return d_w, d_x, d_W, None
+
+
+def span_weighted_matmul(w: torch.Tensor, x: torch.Tensor, W: torch.Tensor, spans) -> torch.Tensor:
+    """`Σ_p w[..., p] · (x @ W_p)` block by block: `w: [*G, T, P]`, `x: [*G, T, D]`, `W: [*G, P, D, V]`,
+    `spans`: `(t0, t1, p0, p1)` per token block (see `_SpanWeightedMatmul`) -> `[*G, T, V]`."""
+    lead = x.shape[:-2]
+    out = _SpanWeightedMatmul.apply(w.reshape(-1, *w.shape[-2:]), x.reshape(-1, *x.shape[-2:]),
+                                    W.reshape(-1, *W.shape[-3:]), spans)
+    return out.view(*lead, *out.shape[1:])

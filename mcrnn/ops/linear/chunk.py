@@ -133,16 +133,17 @@ def linear_scan(
         ci, off = p // c, p % c
         ar = torch.arange(c, device=dev)
         keep = (ar[None, :] <= off[:, None]) & (rc[ci] == rc[ci, off][:, None])  # [E, c]
+        # index_select, not advanced indexing: its backward is an index_add, not a sorting index_put
         if g is not None:
-            ge = g[:, :, ci]  # [B, H, E, c]
+            ge = g.index_select(2, ci)  # [B, H, E, c]
             g_at = ge.gather(-1, off.view(1, 1, -1, 1).expand(B, H, -1, 1))
             w = decay_between(g_at, ge, keep.expand_as(ge))
             carry_e = torch.exp(g_at[..., 0]) * (rc[ci, off] == 0).to(dt)
         else:
             w = keep.to(dt).expand(B, H, -1, c)
             carry_e = (rc[ci, off] == 0).to(dt).expand(B, H, -1)
-        part = (kc[:, :, ci] * w.unsqueeze(-1)).transpose(-1, -2) @ vc[:, :, ci]
-        snapshots = carry_e[..., None, None] * start_states[:, :, ci] + part
+        part = (kc.index_select(2, ci) * w.unsqueeze(-1)).transpose(-1, -2) @ vc.index_select(2, ci)
+        snapshots = carry_e[..., None, None] * start_states.index_select(2, ci) + part
     return o, snapshots, state
 
 

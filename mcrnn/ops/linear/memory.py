@@ -6,7 +6,7 @@ import torch
 
 from mcrnn.ops.linear.chunk import _log_decay, linear_scan
 from mcrnn.ops.memory import Gate, Memory
-from mcrnn.ops.utils import selected_matmul, weighted_matmul
+from mcrnn.ops.utils import selected_matmul, span_weighted_matmul, weighted_matmul
 
 
 class LinearMemory(Memory):
@@ -45,6 +45,10 @@ class LinearMemory(Memory):
         return weighted_matmul(weights, q * scale, S.reshape(B, H, N * K, V))
 
     selected_reads = True
+    span_reads = True
+
+    def read_weighted_spans(self, cache, weights, q, spans, scale):
+        return span_weighted_matmul(weights, q * scale, cache["S"], spans)
 
     def read_selected(self, cache, q, pick, weights, valid, scale):
         return selected_matmul(weights, q * scale, cache["S"], pick, valid)

@@ -47,9 +47,11 @@ class Aggregation:
         """A block of `t` tokens against its `n` visible caches -> `[B, H, t, V]`."""
         raise NotImplementedError
 
-    def whole_call(self, mem: Memory, q, u, r, p_on, pool_p, cache: State, visible, *, scale, score_scale, top_k):
+    def whole_call(self, mem: Memory, q, u, r, p_on, pool_p, cache: State, visible, spans, *, scale, score_scale,
+                   top_k):
         """The whole call at once instead of block by block (`visible(t0, t1) -> [t1 - t0, P]` bool over the
-        pool); None when this aggregation has no such form for this memory (then the blocks are used)."""
+        pool; `spans`: `(t0, t1, p0, p1)` per token block, the pool range its tokens may see); None when this
+        aggregation has no such form for this memory (then the blocks are used)."""
         return None
 
     def recompute_block(self, mem: Memory, n_visible: int, K: int, V: int, top_k) -> bool:
@@ -92,6 +94,12 @@ class Residual(Aggregation):
         w = visible.to(q.dtype).expand(*q.shape[:2], *visible.shape)
         return r + mem.read_weighted(cache, w, q, scale)
 
+    def whole_call(self, mem, q, u, r, p_on, pool_p, cache, visible, spans, *, scale, score_scale, top_k):
+        if not mem.span_reads or pool_p.shape[2] == 0:
+            return None
+        w = visible(0, q.shape[2]).to(q.dtype).expand(*q.shape[:2], -1, -1)
+        return r + mem.read_weighted_spans(cache, w, q, spans, scale)
+
 
 class Mean(Aggregation):
     """`mean` (post-training MC): the uniform average of the online read and the visible caches' reads."""
@@ -106,6 +114,14 @@ class Mean(Aggregation):
         w = visible.to(q.dtype).expand(*q.shape[:2], *visible.shape)
         n_read = (visible.sum(-1, keepdim=True) + 1).to(q.dtype)  # the caches + the online memory
         return r / n_read + mem.read_weighted(cache, w / n_read, q, scale)
+
+    def whole_call(self, mem, q, u, r, p_on, pool_p, cache, visible, spans, *, scale, score_scale, top_k):
+        if not mem.span_reads or pool_p.shape[2] == 0:
+            return None
+        vis = visible(0, q.shape[2])
+        n_read = (vis.sum(-1, keepdim=True) + 1).to(q.dtype)
+        w = (vis.to(q.dtype) / n_read).expand(*q.shape[:2], -1, -1)
+        return r / n_read + mem.read_weighted_spans(cache, w, q, spans, scale)
 
 
 class GRM(Aggregation):
@@ -125,6 +141,13 @@ class GRM(Aggregation):
         z, z_on = scores(u, p, p_on, visible, score_scale)
         gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
         return gamma[..., -1:] * r + mem.read_weighted(cache, gamma[..., :-1], q, scale)
+
+    def whole_call(self, mem, q, u, r, p_on, pool_p, cache, visible, spans, *, scale, score_scale, top_k):
+        if not mem.span_reads or pool_p.shape[2] == 0:
+            return None
+        z, z_on = scores(u, pool_p, p_on, visible(0, q.shape[2]), score_scale)  # [B, H, T, P], [B, H, T, 1]
+        gamma = torch.softmax(torch.cat([z, z_on], dim=-1), dim=-1)
+        return gamma[..., -1:] * r + mem.read_weighted_spans(cache, gamma[..., :-1], q, spans, scale)
 
 
 class Soup(GRM):
@@ -163,7 +186,7 @@ class SSC(Aggregation):
     #: tokens whose router scores are built at once (bounds the `[B, H, t, P]` score tensor)
     ROUTER_TOKENS = 4096
 
-    def whole_call(self, mem, q, u, r, p_on, pool_p, cache, visible, *, scale, score_scale, top_k):
+    def whole_call(self, mem, q, u, r, p_on, pool_p, cache, visible, spans, *, scale, score_scale, top_k):
         """For memories with :meth:`~mcrnn.ops.memory.Memory.read_selected`: the router runs over every token
         and the whole pool (scores `[B, H, t, P]`, a few thousand tokens at a time), then each selected cache
         reads all of its tokens at once. Reads cost `O(T · k)` states, whatever the number of caches."""

@@ -179,7 +179,8 @@ def _key_sums(plan: Plan, state: MCState, k: torch.Tensor, csum: torch.Tensor) -
     every local segment `[B, H, n_seg, Ks]`."""
     starts = torch.tensor(plan.seg_start, device=k.device)
     ends = torch.tensor(plan.seg_end, device=k.device)
-    seg_sums = (csum[:, :, ends] - csum[:, :, starts]).to(k.dtype)
+    # index_select, not advanced indexing: its backward is an index_add, not a sorting index_put
+    seg_sums = (csum.index_select(2, ends) - csum.index_select(2, starts)).to(k.dtype)
     N0 = state.num_caches
     basis = torch.cat([state.key_sum.unsqueeze(2), state.cache_key_sum, seg_sums], dim=2)
     mix = torch.zeros(len(plan.entries), basis.shape[2], dtype=k.dtype, device=k.device)
@@ -196,7 +197,7 @@ def _online_summary(plan: Plan, state: MCState, k: torch.Tensor, csum: torch.Ten
     B, H, T, K = k.shape
     seg = _segment_of_tokens(plan, T, k.device)
     starts = torch.tensor(plan.seg_start, device=k.device)[seg]
-    total = csum[:, :, 1:] - csum[:, :, starts]
+    total = csum[:, :, 1:] - csum.index_select(2, starts)
     count = torch.arange(1, T + 1, device=k.device) - starts
     if plan.continues:
         first = seg == 0
@@ -271,7 +272,11 @@ def _aggregate(opts: MCOptions, plan: Plan, q, u, r, p_on, pool_states: State, p
         s = seg[t0:t1, None]
         return (lo[None] <= s) & (s < hi[None])
 
-    o = agg.whole_call(mem, q, u, r, p_on, pool_p, pool_states, visible, scale=opts.scale,
+    spans = []
+    for t0, t1, sa, sb in _blocks(plan):
+        union = [i for i, e in enumerate(plan.entries) if e.vis_lo <= sb and e.vis_hi > sa]
+        spans.append((t0, t1, union[0], union[-1] + 1) if union else (t0, t1, 0, 0))
+    o = agg.whole_call(mem, q, u, r, p_on, pool_p, pool_states, visible, spans, scale=opts.scale,
                        score_scale=opts.score_scale, top_k=opts.top_k)
     if o is not None:
         return o
