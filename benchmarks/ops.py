@@ -4,7 +4,8 @@ Every configuration runs in its own subprocess (so its peak RSS is its own): inp
 (the peak-memory run: growth of the process's max RSS over the inputs), then `--runs` timed runs; the median
 is reported. Threads are pinned (default 2, the CI machine).
 
-    python benchmarks/ops.py                      # T in {1K, 4K, 16K}, linear memory, all aggregations
+    python benchmarks/ops.py                      # T in {1K, 4K, 16K, 32K}, linear memory, all aggregations
+    python benchmarks/ops.py --lengths 16384 32768   # the long rows only
     python benchmarks/ops.py --quick              # T = 1K only, 3 runs
     python benchmarks/ops.py --deep               # dla/titans at T in {1K, 4K} (without MC, grm, soup)
     python benchmarks/ops.py --pypi               # vs memory-caching==0.1.0 (pip install memory-caching==0.1.0)
@@ -51,6 +52,15 @@ def _make_case(case: dict):
     q = F.normalize(q.detach(), dim=-1).requires_grad_()
     k = F.normalize(k.detach(), dim=-1).requires_grad_()
     leaves = [q, k, v, u]
+    if kind == "matmul":  # plain GEMMs with the FLOPs of GRM's cache reads (forward + backward), see grm_read_flops
+        reps, n = case["reps"], case["n"]
+        a = torch.randn(n, n, generator=g)
+        b = torch.randn(n, n, generator=g)
+
+        def run():
+            for _ in range(reps):
+                a @ b
+        return run
     if kind == "sdpa":
         def run():
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -132,6 +142,20 @@ def _mcrnn_layer_case(case: dict):
     return run
 
 
+def grm_read_flops(T: int, segment_size: int = 256) -> float:
+    """FLOPs of GRM's cache reads at length T, forward and backward: token t reads its `n_t` visible caches
+    (`K x V` each) forward, and the backward needs the same products for `d_w`, `d_q` and `d_S`: 4 GEMMs of
+    `2 · K · V` FLOPs per (token, cache) pair, per head."""
+    pairs = sum(t // segment_size for t in range(T))  # caches visible to token t (constant segments)
+    return 4 * 2 * K * K * pairs * B * H
+
+
+def matmul_case(T: int) -> dict:
+    """A plain `n x n` GEMM repeated to the FLOPs of GRM's reads at length T: how fast this machine multiplies."""
+    n = 1024
+    return dict(T=T, kind="matmul", n=n, reps=max(1, round(grm_read_flops(T) / (2 * n**3))))
+
+
 def child(case: dict, runs: int, threads: int) -> dict:
     import torch
 
@@ -175,6 +199,8 @@ def label(case: dict) -> str:
     kind = case["kind"]
     if kind in ("sdpa", "linear"):
         return {"sdpa": "causal SDPA", "linear": "chunk_linear (base)"}[kind]
+    if kind == "matmul":
+        return f"torch.matmul, GRM's read FLOPs ({case['reps']} x {case['n']}^3 GEMMs)"
     if kind in ("pypi", "mcrnn_layer"):
         return {"pypi": "memory-caching 0.1.0 layer", "mcrnn_layer": "mcrnn layer"}[kind]
     extra = f", top_k={case['top_k']}" if case.get("top_k") else ""
@@ -202,7 +228,7 @@ def main() -> None:
         cases = [dict(base, kind="pypi"), dict(base, kind="mcrnn_layer")]
         groups = {1024: cases}
     else:
-        lengths = args.lengths or ([1024] if args.quick else ([1024, 4096] if args.deep else [1024, 4096, 16384]))
+        lengths = args.lengths or ([1024] if args.quick else ([1024, 4096] if args.deep else [1024, 4096, 16384, 32768]))
         groups = {}
         for T in lengths:
             if args.deep:
@@ -213,6 +239,8 @@ def main() -> None:
                 cases = [dict(T=T, kind="sdpa"), dict(T=T, kind="linear")]
                 cases += [dict(T=T, kind=a, memory="linear") for a in ("residual", "grm", "soup")]
                 cases += [dict(T=T, kind="ssc", memory="linear", top_k=4)]
+                if T > 256:
+                    cases += [matmul_case(T)]
             groups[T] = cases
     print(f"machine: {machine()}; threads {args.threads}; median of {args.runs} runs after one warm-up/peak run")
     print("command: python " + " ".join(sys.argv))
@@ -233,6 +261,11 @@ def main() -> None:
             ratio = lambda a, b, key: f"{a[key] / b[key]:.3f}" if b and b[key] > 0 else "-"
             print(f"| {T} | {label(c)} | {r['median_s']:.3f} | {ratio(r, sd, 'median_s')} | "
                   f"{ratio(r, bs, 'median_s')} | {r['peak_mb']:.0f} | {ratio(r, sd, 'peak_mb')} |")
+        if "matmul" in ref and "grm" in ref:
+            flops = grm_read_flops(T)
+            g_mm, g_grm = flops / ref["matmul"]["median_s"], flops / ref["grm"]["median_s"]
+            print(f"|   | GRM reads at T={T}: {flops / 1e9:.1f} GFLOP; matmul {g_mm / 1e9:.1f} GFLOP/s; GRM (whole op, "
+                  f"reads only counted) {g_grm / 1e9:.1f} GFLOP/s = {g_grm / g_mm:.2f} of the matmul rate | | | | |")
     if args.pypi and "pypi" in ref and "mcrnn_layer" in ref:
         print(f"\nmcrnn speed-up over memory-caching 0.1.0 (median fwd+bwd): "
               f"{ref['pypi']['median_s'] / ref['mcrnn_layer']['median_s']:.0f}x")
