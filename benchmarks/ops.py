@@ -228,7 +228,8 @@ def main() -> None:
         cases = [dict(base, kind="pypi"), dict(base, kind="mcrnn_layer")]
         groups = {1024: cases}
     else:
-        lengths = args.lengths or ([1024] if args.quick else ([1024, 4096] if args.deep else [1024, 4096, 16384, 32768]))
+        default = [1024, 4096] if args.deep else [1024, 4096, 16384, 32768]
+        lengths = args.lengths or ([1024] if args.quick else default)
         groups = {}
         for T in lengths:
             if args.deep:
