@@ -1,0 +1,78 @@
+"""Shared by the kernels: the interpreter switch, block sizes, dtype rules and argument checks.
+
+Triton decides between compiling and interpreting when a kernel is decorated, i.e. when this package is
+imported: `TRITON_INTERPRET=1` must be set before the first `import mcrnn.ops.triton` for CPU tensors to work.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton import knobs
+
+#: the kernels of this process run in Triton's interpreter (numpy on the CPU) instead of compiled on a GPU
+INTERPRET: bool = bool(knobs.runtime.interpret)
+
+#: largest head dim (K, V or the score dim) the kernels keep in one block; larger dims go to the torch path
+MAX_HEAD_DIM = 256
+
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def block(n: int) -> int:
+    """A power of two >= n and >= 16 (`tl.arange` needs powers of two, `tl.dot` dims >= 16): the kernels
+    pad small or odd dims with masked loads instead of copying the tensors."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def low_precision_dot(dtype: torch.dtype) -> bool:
+    """Feed `tl.dot` bf16/fp16 operands (float32 accumulation) for bf16/fp16 inputs on a GPU.
+
+    The interpreter computes bf16 arithmetic wrongly (numpy has no bf16), so it always multiplies in float32:
+    the interpreter tests check the kernels' logic, the `gpu` tests the low-precision dot."""
+    return dtype in (torch.bfloat16, torch.float16) and not INTERPRET
+
+
+def autotuned(configs: list, key: list[str], reset_to_zero: list[str] | None = None):
+    """`triton.autotune` on a GPU; nothing in the interpreter, where the launch passes the defaults itself."""
+
+    def wrap(fn):
+        if INTERPRET:
+            return fn
+        return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero)(fn)
+
+    return wrap
+
+
+def launch_meta(**defaults) -> dict:
+    """Meta-parameters to pass at launch: the tuned ones come from the autotuner on a GPU."""
+    return defaults if INTERPRET else {}
+
+
+def warp_configs() -> list:
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+
+
+def unsupported_reason(*tensors: torch.Tensor | None, dims: tuple[int, ...] = ()) -> str | None:
+    """Why the kernels cannot take these tensors (None when they can): a dispatcher falls back to torch then."""
+    present = [x for x in tensors if x is not None]
+    for x in present:
+        if x.dtype not in INPUT_DTYPES:
+            return f"dtype {x.dtype} (the kernels take float32, bfloat16, float16)"
+    device = present[0].device
+    if any(x.device != device for x in present):
+        return "tensors on different devices"
+    if device.type == "cpu" and not INTERPRET:
+        return "CPU tensors need TRITON_INTERPRET=1 set before mcrnn.ops.triton is imported"
+    if device.type not in ("cpu", "cuda"):
+        return f"device {device.type}"
+    if any(d > MAX_HEAD_DIM for d in dims):
+        return f"a head dim above {MAX_HEAD_DIM}: {dims}"
+    return None
+
+
+def check_shape(name: str, x: torch.Tensor | None, shape: tuple, fix: str = "") -> None:
+    if x is None:
+        raise ValueError(f"`{name}` is required here{': ' + fix if fix else ''}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"`{name}` must have shape {list(shape)}, got {list(x.shape)}{'; ' + fix if fix else ''}")
