@@ -6,7 +6,8 @@
   aggregation around it (router in PyTorch).
 
 Inputs are heads-first (`[B, H, T, K]`, the pool `[B, H, P, K, V]`), float32/bf16/fp16, accumulation float32.
-On CPU tensors the kernels run in Triton's interpreter: set `TRITON_INTERPRET=1` before importing this package.
+On CPU tensors the kernels run in Triton's interpreter: set `TRITON_INTERPRET=1` in the environment before
+triton is first imported (see `_common`).
 :func:`unsupported_reason` says why a call cannot take the kernels (a dispatcher then uses the torch path).
 """
 
@@ -14,10 +15,16 @@ from __future__ import annotations
 
 import torch
 
-from mcrnn.ops.triton._common import INTERPRET, MAX_HEAD_DIM
+from mcrnn.ops.triton._common import INTERPRET, MAX_HEAD_DIM, triton_import_mode
 from mcrnn.ops.triton._common import unsupported_reason as _unsupported
-from mcrnn.ops.triton.cached import AGGREGATION_CODES, cached_read
-from mcrnn.ops.triton.ssc import ssc_cached_read, ssc_read
+
+with triton_import_mode():
+    try:  # triton imports gluon lazily at the first launch, and gluon checks the environment against the mode
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:  # pragma: no cover - triton without gluon
+        pass
+    from mcrnn.ops.triton.cached import AGGREGATION_CODES, cached_read
+    from mcrnn.ops.triton.ssc import ssc_cached_read, ssc_read
 
 #: the aggregations the kernels cover for memories whose read is linear in the state (`Memory.linear_read`)
 AGGREGATIONS = (*AGGREGATION_CODES, "ssc")

@@ -1,17 +1,37 @@
 """Shared by the kernels: the interpreter switch, block sizes, dtype rules and argument checks.
 
-Triton decides between compiling and interpreting when a kernel is decorated, i.e. when this package is
-imported: `TRITON_INTERPRET=1` must be set before the first `import mcrnn.ops.triton` for CPU tensors to work.
+Triton fixes "compile for a GPU" or "interpret on the CPU" per process, when `triton` is first imported (its
+own `tl.sum`, `tl.max`... are decorated then): `TRITON_INTERPRET=1` must be in the environment before the
+first `import triton` (and so before `import mcrnn.ops.triton`, or `torch._dynamo`, which imports triton) for
+the kernels to run on CPU tensors. Our kernels are decorated in whatever mode triton was imported in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import triton
-from triton import knobs
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 #: the kernels of this process run in Triton's interpreter (numpy on the CPU) instead of compiled on a GPU
-INTERPRET: bool = bool(knobs.runtime.interpret)
+INTERPRET: bool = isinstance(tl.standard.cdiv, InterpretedFunction)
+
+
+@contextlib.contextmanager
+def triton_import_mode():
+    """Decorate kernels in the mode `triton` itself was imported in, whatever the environment says now."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if INTERPRET else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
 
 #: largest head dim (K, V or the score dim) the kernels keep in one block; larger dims go to the torch path
 MAX_HEAD_DIM = 256
@@ -31,6 +51,17 @@ def low_precision_dot(dtype: torch.dtype) -> bool:
     The interpreter computes bf16 arithmetic wrongly (numpy has no bf16), so it always multiplies in float32:
     the interpreter tests check the kernels' logic, the `gpu` tests the low-precision dot."""
     return dtype in (torch.bfloat16, torch.float16) and not INTERPRET
+
+
+def store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels write a result of `dtype` in: the interpreter rounds float32 to bf16/fp16 by
+    truncation (the GPU rounds to nearest even), so there the kernels write float32 and torch rounds."""
+    return torch.float32 if INTERPRET else dtype
+
+
+def empty_for(x: torch.Tensor) -> torch.Tensor:
+    """An output buffer for the gradient of (or a result shaped like) `x`; `.to(x.dtype)` it afterwards."""
+    return torch.empty(x.shape, dtype=store_dtype(x.dtype), device=x.device)
 
 
 def autotuned(configs: list, key: list[str], reset_to_zero: list[str] | None = None):
@@ -63,7 +94,7 @@ def unsupported_reason(*tensors: torch.Tensor | None, dims: tuple[int, ...] = ()
     if any(x.device != device for x in present):
         return "tensors on different devices"
     if device.type == "cpu" and not INTERPRET:
-        return "CPU tensors need TRITON_INTERPRET=1 set before mcrnn.ops.triton is imported"
+        return "CPU tensors need TRITON_INTERPRET=1 in the environment before triton is first imported"
     if device.type not in ("cpu", "cuda"):
         return f"device {device.type}"
     if any(d > MAX_HEAD_DIM for d in dims):

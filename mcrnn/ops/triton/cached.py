@@ -36,7 +36,9 @@ from mcrnn.ops.triton._common import (
     autotuned,
     block,
     check_shape,
+    empty_for,
     low_precision_dot,
+    store_dtype,
     unsupported_reason,
     warp_configs,
 )
@@ -273,7 +275,7 @@ def _forward(q, u, r, p_on, pool_p, pool_S, seg, vis_lo, vis_hi, scale, score_sc
     P, V = pool_S.shape[2], pool_S.shape[-1]
     KS = u.shape[-1] if agg == GRM else 1
     bs = _blocks(K, V, KS)
-    o = torch.empty(B, H, T, V, dtype=q.dtype, device=q.device)
+    o = torch.empty(B, H, T, V, dtype=store_dtype(q.dtype), device=q.device)
     L = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(T, bs["fwd_BT"]), triton.cdiv(V, bs["fwd_BV"]), B * H)
     _fwd[grid](
@@ -281,7 +283,7 @@ def _forward(q, u, r, p_on, pool_p, pool_S, seg, vis_lo, vis_hi, scale, score_sc
         pool_S, seg, vis_lo, vis_hi, o, L, T, P, K, V, KS, scale, score_scale,
         AGG=agg, BT=bs["fwd_BT"], BK=bs["BK"], BV=bs["fwd_BV"], BKS=bs["BKS"], LOW_DOT=low_precision_dot(q.dtype),
     )
-    return o, L
+    return o.to(q.dtype), L
 
 
 class _CachedRead(torch.autograd.Function):
@@ -304,10 +306,10 @@ class _CachedRead(torch.autograd.Function):
         low = low_precision_dot(q.dtype)
         # D_t = <do_t, o_t>: the softmax backward's Σ_j γ_j (do · read_j), online term included
         D = (d_o.float() * o.float()).sum(-1) if agg == GRM else L
-        dq, dr = torch.empty_like(q), torch.empty_like(r)
+        dq, dr = empty_for(q), empty_for(r)
         grm = agg == GRM
-        du = torch.empty_like(u) if grm else None
-        dp_on = torch.empty_like(p_on) if grm else None
+        du = empty_for(u) if grm else None
+        dp_on = empty_for(p_on) if grm else None
         # dz_ti of the tiles that see cache i (T × P numbers: stored, because recomputing them costs a second
         # `x @ S_i` product per cache and token)
         dz = torch.empty(B, H, P, T, dtype=torch.float32, device=q.device) if grm else L
@@ -317,8 +319,8 @@ class _CachedRead(torch.autograd.Function):
             pool_S, seg, vis_lo, vis_hi, L, D, d_o, dq, du if grm else dq, dr, dp_on if grm else dq, dz, *args,
             AGG=agg, BT=bs["tok_BT"], BK=bs["BK"], BV=bs["BV"], BKS=bs["BKS"], LOW_DOT=low,
         )
-        dS = torch.empty_like(pool_S)
-        dp = torch.empty_like(pool_p) if grm else None
+        dS = empty_for(pool_S)
+        dp = empty_for(pool_p) if grm else None
         # the contiguous token range that sees each cache (tokens are in segment order)
         tok_lo = torch.searchsorted(seg, vis_lo).to(torch.int32)
         tok_hi = torch.searchsorted(seg, vis_hi).to(torch.int32)
@@ -327,7 +329,9 @@ class _CachedRead(torch.autograd.Function):
             dS, dp if grm else dS, *args,
             AGG=agg, BT=bs["cache_BT"], BK=bs["BK"], BV=bs["cache_BV"], BKS=bs["BKS"], LOW_DOT=low,
         )
-        return dq, du, dr, dp_on, dp, dS, None, None, None, None, None, None
+        cast = lambda g, x: None if g is None else g.to(x.dtype)
+        return (cast(dq, q), cast(du, u), cast(dr, r), cast(dp_on, p_on), cast(dp, pool_p), cast(dS, pool_S),
+                None, None, None, None, None, None)
 
 
 def cached_read(

@@ -26,6 +26,7 @@ from mcrnn.ops.triton._common import (
     autotuned,
     block,
     check_shape,
+    empty_for,
     low_precision_dot,
     unsupported_reason,
     warp_configs,
@@ -151,12 +152,12 @@ class _SSCRead(torch.autograd.Function):
         bs = _blocks(K, V)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dw = torch.zeros(w.shape, dtype=torch.float32, device=q.device)
-        dS = torch.empty_like(pool_S)
+        dS = empty_for(pool_S)
         _ssc_bwd[(B * H * P, triton.cdiv(V, bs["BV"]))](
             q, w, pool_S, order, offsets, d_o.contiguous(), dq, dw, dS, T, k, K, V, ctx.scale,
             BT=bs["BT"], BK=bs["BK"], BV=bs["BV"], LOW_DOT=low_precision_dot(q.dtype),
         )
-        return dq.to(q.dtype), dw.to(w.dtype), dS, None, None
+        return dq.to(q.dtype), dw.to(w.dtype), dS.to(pool_S.dtype), None, None
 
 
 def ssc_read(
