@@ -127,10 +127,15 @@ def check(tensors, index, d_o, aggregation, *, scale, score_scale, top_k=None, t
 LENGTHS = [1, 63, 100, 257]
 
 
+def segment_for(T: int) -> int:
+    """Segments of 16 tokens (up to 7 caches at T = 100); 32 at T = 257 (9 caches) keeps the interpreter quick."""
+    return 16 if T <= 100 else 32
+
+
 @pytest.mark.parametrize("T", LENGTHS)
 @pytest.mark.parametrize("aggregation", ["grm", "residual", "mean"])
 def test_cached_read_float32(aggregation, T):
-    tensors, index, d_o = make_case(T=T)
+    tensors, index, d_o = make_case(T=T, segment=segment_for(T))
     check(tensors, index, d_o, aggregation, scale=8**-0.5, score_scale=0.7)
 
 
@@ -175,7 +180,7 @@ def test_cached_read_low_precision_pool():
 
 @pytest.mark.parametrize("T", LENGTHS)
 def test_ssc_float32(T):
-    tensors, index, d_o = make_case(T=T)
+    tensors, index, d_o = make_case(T=T, segment=segment_for(T))
     check(tensors, index, d_o, "ssc", top_k=2, scale=8**-0.5, score_scale=0.7)
 
 

@@ -64,24 +64,20 @@ def empty_for(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=store_dtype(x.dtype), device=x.device)
 
 
-def autotuned(configs: list, key: list[str], reset_to_zero: list[str] | None = None):
-    """`triton.autotune` on a GPU; nothing in the interpreter, where the launch passes the defaults itself."""
-
-    def wrap(fn):
-        if INTERPRET:
-            return fn
-        return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero)(fn)
-
-    return wrap
-
-
-def launch_meta(**defaults) -> dict:
-    """Meta-parameters to pass at launch: the tuned ones come from the autotuner on a GPU."""
-    return defaults if INTERPRET else {}
+#: launch settings per kernel kind on a GPU (`num_warps`, `num_stages`). Fixed rather than autotuned: an
+#: autotuner compiles every candidate at the first call of each shape class, minutes of compilation for the
+#: GPU check; the values are first guesses for H100/H200 with K = V = 128, to be tuned by benchmarks/gpu.py.
+LAUNCH = {
+    "fwd": (4, 2),  # [64, K] x [K, 64] per cache, value-block split
+    "bwd_tokens": (8, 2),  # [64, V] x [V, K] per cache, full K and V in one program
+    "bwd_caches": (4, 2),  # [K, 64] x [64, 64] per token tile
+    "ssc": (4, 2),
+}
 
 
-def warp_configs() -> list:
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+def launch_options(kind: str) -> dict:
+    num_warps, num_stages = LAUNCH[kind]
+    return {"num_warps": num_warps, "num_stages": num_stages}
 
 
 def unsupported_reason(*tensors: torch.Tensor | None, dims: tuple[int, ...] = ()) -> str | None:

@@ -11,7 +11,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from mcrnn.ops.triton import cached, ssc
-from mcrnn.ops.triton._common import INTERPRET
+from mcrnn.ops.triton._common import INTERPRET, launch_options
 
 _INDEX = {"seg": "*i32", "vis_lo": "*i32", "vis_hi": "*i32", "tok_lo": "*i32", "tok_hi": "*i32", "order": "*i32",
           "offsets": "*i64"}
@@ -21,7 +21,7 @@ _SCALARS = {"T": "i32", "P": "i32", "K": "i32", "V": "i32", "KS": "i32", "NPICK"
 
 
 def _jit_function(kernel) -> triton.runtime.JITFunction:
-    while not isinstance(kernel, triton.runtime.JITFunction):  # unwrap the autotuner
+    while not isinstance(kernel, triton.runtime.JITFunction):  # unwrap an autotuner or heuristics
         kernel = kernel.fn
     return kernel
 
@@ -42,23 +42,25 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
-def compile_all(arch: int = 90, dtypes=("bf16", "fp32"), num_warps: int = 4, num_stages: int = 2) -> list[str]:
-    """Compile each kernel in each aggregation mode and dtype for `cuda:sm_{arch}`; returns what compiled."""
+def compile_all(arch: int = 90, dtypes=("bf16", "fp32")) -> list[str]:
+    """Compile each kernel in each aggregation mode and dtype for `cuda:sm_{arch}` with its launch settings
+    (`_common.LAUNCH`); returns what compiled."""
     if INTERPRET:
         raise RuntimeError("triton was imported with TRITON_INTERPRET=1: the interpreter compiles nothing")
     target = GPUTarget("cuda", arch, 32)
     blocks = dict(BT=64, BK=128, BKS=128)
     cases = []
     for agg in (0, 1, 2):
-        cases += [(cached._fwd, dict(blocks, AGG=agg, BV=64)), (cached._bwd_tokens, dict(blocks, AGG=agg, BV=128)),
-                  (cached._bwd_caches, dict(blocks, AGG=agg, BV=64))]
-    cases += [(ssc._ssc_fwd, dict(BT=64, BK=128, BV=64)), (ssc._ssc_bwd, dict(BT=64, BK=128, BV=64))]
+        cases += [(cached._fwd, "fwd", dict(blocks, AGG=agg, BV=64)),
+                  (cached._bwd_tokens, "bwd_tokens", dict(blocks, AGG=agg, BV=128)),
+                  (cached._bwd_caches, "bwd_caches", dict(blocks, AGG=agg, BV=64))]
+    cases += [(ssc._ssc_fwd, "ssc", dict(BT=64, BK=128, BV=64)), (ssc._ssc_bwd, "ssc", dict(BT=64, BK=128, BV=64))]
     done = []
     for dtype in dtypes:
-        for kernel, consts in cases:
+        for kernel, kind, consts in cases:
             fn = _jit_function(kernel)
             consts = {k: v for k, v in dict(consts, LOW_DOT=dtype != "fp32").items() if k in fn.arg_names}
             src = ASTSource(fn=fn, signature=_signature(fn, dtype, consts), constexprs=consts)
-            triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+            triton.compile(src, target=target, options=launch_options(kind))
             done.append(f"{fn.__name__}[{dtype}, {consts.get('AGG', '-')}]")
     return done

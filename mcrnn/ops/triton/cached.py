@@ -33,14 +33,13 @@ import triton.language as tl
 
 from mcrnn.ops.triton._common import (
     INTERPRET,
-    autotuned,
     block,
     check_shape,
     empty_for,
+    launch_options,
     low_precision_dot,
     store_dtype,
     unsupported_reason,
-    warp_configs,
 )
 
 AGGREGATION_CODES = {"residual": 0, "mean": 1, "grm": 2, "soup": 2}
@@ -54,7 +53,6 @@ def _tile_visible(vis_lo, vis_hi, i, s_min, s_max):
     return lo, hi, (lo <= s_max) & (hi > s_min)
 
 
-@autotuned(warp_configs(), key=["K", "V", "KS", "AGG", "BT", "BV"])
 @triton.jit
 def _fwd(
     q, u, r, p_on, pool_p, pool_S, seg, vis_lo, vis_hi, o, L,
@@ -130,7 +128,6 @@ def _fwd(
         tl.store(L + i_bh * T + t, lse, mask=m_t)
 
 
-@autotuned(warp_configs(), key=["K", "V", "KS", "AGG", "BT"])
 @triton.jit
 def _bwd_tokens(
     q, u, r, p_on, pool_p, pool_S, seg, vis_lo, vis_hi, L, D, do,
@@ -201,7 +198,6 @@ def _bwd_tokens(
                  mask=m_t[:, None] & m_ks[None, :])
 
 
-@autotuned(warp_configs(), key=["K", "V", "KS", "AGG", "BT", "BV"])
 @triton.jit
 def _bwd_caches(
     q, u, pool_p, seg, vis_lo, vis_hi, tok_lo, tok_hi, L, do, dz_buf,
@@ -282,6 +278,7 @@ def _forward(q, u, r, p_on, pool_p, pool_S, seg, vis_lo, vis_hi, scale, score_sc
         q, u if u is not None else q, r, p_on if p_on is not None else q, pool_p if pool_p is not None else q,
         pool_S, seg, vis_lo, vis_hi, o, L, T, P, K, V, KS, scale, score_scale,
         AGG=agg, BT=bs["fwd_BT"], BK=bs["BK"], BV=bs["fwd_BV"], BKS=bs["BKS"], LOW_DOT=low_precision_dot(q.dtype),
+        **launch_options("fwd"),
     )
     return o.to(q.dtype), L
 
@@ -318,6 +315,7 @@ class _CachedRead(torch.autograd.Function):
             q, u if grm else q, r, p_on if grm else q, pool_p if grm else q,
             pool_S, seg, vis_lo, vis_hi, L, D, d_o, dq, du if grm else dq, dr, dp_on if grm else dq, dz, *args,
             AGG=agg, BT=bs["tok_BT"], BK=bs["BK"], BV=bs["BV"], BKS=bs["BKS"], LOW_DOT=low,
+            **launch_options("bwd_tokens"),
         )
         dS = empty_for(pool_S)
         dp = empty_for(pool_p) if grm else None
@@ -328,6 +326,7 @@ class _CachedRead(torch.autograd.Function):
             q, u if grm else q, pool_p if grm else q, seg, vis_lo, vis_hi, tok_lo, tok_hi, L, d_o, dz,
             dS, dp if grm else dS, *args,
             AGG=agg, BT=bs["cache_BT"], BK=bs["BK"], BV=bs["cache_BV"], BKS=bs["BKS"], LOW_DOT=low,
+            **launch_options("bwd_caches"),
         )
         cast = lambda g, x: None if g is None else g.to(x.dtype)
         return (cast(dq, q), cast(du, u), cast(dr, r), cast(dp_on, p_on), cast(dp, pool_p), cast(dS, pool_S),

@@ -23,17 +23,15 @@ import triton.language as tl
 
 from mcrnn.ops.triton._common import (
     INTERPRET,
-    autotuned,
     block,
     check_shape,
     empty_for,
+    launch_options,
     low_precision_dot,
     unsupported_reason,
-    warp_configs,
 )
 
 
-@autotuned(warp_configs(), key=["K", "V", "BT", "BV"], reset_to_zero=["o"])
 @triton.jit
 def _ssc_fwd(
     q, w, pool_S, order, offsets, o,
@@ -64,7 +62,6 @@ def _ssc_fwd(
             tl.atomic_add(o + row[:, None] * V + vv[None, :], out, mask=m_p[:, None] & m_v[None, :])
 
 
-@autotuned(warp_configs(), key=["K", "V", "BT", "BV"], reset_to_zero=["dq", "dw"])
 @triton.jit
 def _ssc_bwd(
     q, w, pool_S, order, offsets, do, dq, dw, dS,
@@ -137,7 +134,7 @@ class _SSCRead(torch.autograd.Function):
         o = torch.zeros(B, H, T, V, dtype=torch.float32, device=q.device)
         _ssc_fwd[(B * H * P, triton.cdiv(V, bs["BV"]))](
             q, w, pool_S, order, offsets, o, T, k, K, V, scale,
-            BT=bs["BT"], BK=bs["BK"], BV=bs["BV"], LOW_DOT=low_precision_dot(q.dtype),
+            BT=bs["BT"], BK=bs["BK"], BV=bs["BV"], LOW_DOT=low_precision_dot(q.dtype), **launch_options("ssc"),
         )
         ctx.save_for_backward(q, w, pool_S, order, offsets)
         ctx.scale = scale
@@ -155,7 +152,7 @@ class _SSCRead(torch.autograd.Function):
         dS = empty_for(pool_S)
         _ssc_bwd[(B * H * P, triton.cdiv(V, bs["BV"]))](
             q, w, pool_S, order, offsets, d_o.contiguous(), dq, dw, dS, T, k, K, V, ctx.scale,
-            BT=bs["BT"], BK=bs["BK"], BV=bs["BV"], LOW_DOT=low_precision_dot(q.dtype),
+            BT=bs["BT"], BK=bs["BK"], BV=bs["BV"], LOW_DOT=low_precision_dot(q.dtype), **launch_options("ssc"),
         )
         return dq.to(q.dtype), dw.to(w.dtype), dS.to(pool_S.dtype), None, None
 
