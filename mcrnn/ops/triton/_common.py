@@ -70,8 +70,9 @@ def empty_for(x: torch.Tensor) -> torch.Tensor:
 LAUNCH = {
     "fwd": (4, 2),  # [64, K] x [K, 64] per cache, value-block split
     "bwd_tokens": (8, 2),  # [64, V] x [V, K] per cache, full K and V in one program
-    "bwd_caches": (4, 2),  # [K, 64] x [64, 64] per token tile
-    "ssc": (4, 2),
+    "bwd_caches": (8, 2),  # [K, 64] x [64, 64] per token tile, a [K, 64] float32 accumulator
+    "ssc_fwd": (4, 2),  # [64, K] x [K, 64] per tile of gathered queries
+    "ssc_bwd": (8, 2),  # two products per tile and a [K, 64] float32 accumulator
 }
 
 

@@ -15,9 +15,8 @@ from mcrnn.ops.triton._common import INTERPRET, launch_options
 
 _INDEX = {"seg": "*i32", "vis_lo": "*i32", "vis_hi": "*i32", "tok_lo": "*i32", "tok_hi": "*i32", "order": "*i32",
           "offsets": "*i64"}
-_FLOAT32 = {"L", "D", "dz_buf", "w", "pool_p", "pool_S", "dS", "dp", "dw"}
-_SCALARS = {"T": "i32", "P": "i32", "K": "i32", "V": "i32", "KS": "i32", "NPICK": "i32", "scale": "fp32",
-            "score_scale": "fp32"}
+_FLOAT32 = {"L", "D", "Z", "z_on", "dZ", "dz_on", "w", "dS", "dw"}  # pool_S: in the dot dtype
+_SCALARS = {"T": "i32", "P": "i32", "K": "i32", "V": "i32", "NPICK": "i32", "scale": "fp32"}
 
 
 def _jit_function(kernel) -> triton.runtime.JITFunction:
@@ -48,13 +47,13 @@ def compile_all(arch: int = 90, dtypes=("bf16", "fp32")) -> list[str]:
     if INTERPRET:
         raise RuntimeError("triton was imported with TRITON_INTERPRET=1: the interpreter compiles nothing")
     target = GPUTarget("cuda", arch, 32)
-    blocks = dict(BT=64, BK=128, BKS=128)
+    blocks = dict(BT=64, BK=128)
     cases = []
     for agg in (0, 1, 2):
         cases += [(cached._fwd, "fwd", dict(blocks, AGG=agg, BV=64)),
                   (cached._bwd_tokens, "bwd_tokens", dict(blocks, AGG=agg, BV=128)),
                   (cached._bwd_caches, "bwd_caches", dict(blocks, AGG=agg, BV=64))]
-    cases += [(ssc._ssc_fwd, "ssc", dict(BT=64, BK=128, BV=64)), (ssc._ssc_bwd, "ssc", dict(BT=64, BK=128, BV=64))]
+    cases += [(ssc._ssc_fwd, "ssc_fwd", dict(blocks, BV=64)), (ssc._ssc_bwd, "ssc_bwd", dict(blocks, BT=32, BV=64))]
     done = []
     for dtype in dtypes:
         for kernel, kind, consts in cases:

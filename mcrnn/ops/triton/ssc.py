@@ -25,51 +25,54 @@ from mcrnn.ops.triton._common import (
     INTERPRET,
     block,
     check_shape,
-    empty_for,
     launch_options,
     low_precision_dot,
+    store_dtype,
     unsupported_reason,
 )
+from mcrnn.ops.triton._jit import dot, operand
 
 
 @triton.jit
 def _ssc_fwd(
     q, w, pool_S, order, offsets, o,
-    T, NPICK, K, V, scale,
+    T, P, NPICK, K, V, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOW_DOT: tl.constexpr,
 ):
     g_id = tl.program_id(0).to(tl.int64)  # = (b·H + h)·P + cache: the pool flattened over B, H, P
     i_v = tl.program_id(1)
+    i_bh = g_id // P
+    dt = q.dtype.element_ty
     kk = tl.arange(0, BK)
     vv = i_v * BV + tl.arange(0, BV)
     m_k, m_v = kk < K, vv < V
     start = tl.load(offsets + g_id)
     end = tl.load(offsets + g_id + 1)
     if start < end:
-        S = tl.load(pool_S + (g_id * K + kk[:, None]) * V + vv[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        S = tl.load(pool_S + g_id * K * V + (kk[:, None] * V + vv[None, :]), mask=m_k[:, None] & m_v[None, :],
+                    other=0.0)
+        S = operand(S, dt, LOW_DOT)
         for p0 in range(start, end, BT):
             pp = p0 + tl.arange(0, BT)
             m_p = pp < end
             pair = tl.load(order + pp, mask=m_p, other=0).to(tl.int64)  # (b·H·T + h·T + t)·k + slot
-            row = pair // NPICK  # the token's row in q, o flattened to [B·H·T, *]
-            wt = tl.load(w + pair, mask=m_p, other=0.0).to(tl.float32)
-            x = tl.load(q + row[:, None] * K + kk[None, :], mask=m_p[:, None] & m_k[None, :], other=0.0)
-            xw = x.to(tl.float32) * (wt * scale)[:, None]
-            if LOW_DOT:
-                out = tl.dot(xw.to(q.dtype.element_ty), S.to(q.dtype.element_ty))
-            else:
-                out = tl.dot(xw, S.to(tl.float32), input_precision="ieee")
-            tl.atomic_add(o + row[:, None] * V + vv[None, :], out, mask=m_p[:, None] & m_v[None, :])
+            t = (pair // NPICK - i_bh * T).to(tl.int32)  # the token (pairs of one group share b, h)
+            wt = tl.load(w + pair, mask=m_p, other=0.0).to(tl.float32) * scale
+            x = tl.load(q + i_bh * T * K + (t[:, None] * K + kk[None, :]), mask=m_p[:, None] & m_k[None, :], other=0.0)
+            out = dot(operand(x, dt, LOW_DOT), S, LOW_DOT) * wt[:, None]
+            tl.atomic_add(o + i_bh * T * V + (t[:, None] * V + vv[None, :]), out, mask=m_p[:, None] & m_v[None, :])
 
 
 @triton.jit
 def _ssc_bwd(
     q, w, pool_S, order, offsets, do, dq, dw, dS,
-    T, NPICK, K, V, scale,
+    T, P, NPICK, K, V, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOW_DOT: tl.constexpr,
 ):
     g_id = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1)
+    i_bh = g_id // P
+    dt = q.dtype.element_ty
     kk = tl.arange(0, BK)
     vv = i_v * BV + tl.arange(0, BV)
     m_k, m_v = kk < K, vv < V
@@ -78,35 +81,34 @@ def _ssc_bwd(
     end = tl.load(offsets + g_id + 1)
     dS_acc = tl.zeros([BK, BV], dtype=tl.float32)
     if start < end:
-        S = tl.load(pool_S + (g_id * K + kk[:, None]) * V + vv[None, :], mask=m_kv, other=0.0)
+        S = tl.load(pool_S + g_id * K * V + (kk[:, None] * V + vv[None, :]), mask=m_kv, other=0.0)
+        S = operand(S, dt, LOW_DOT)
         for p0 in range(start, end, BT):
             pp = p0 + tl.arange(0, BT)
             m_p = pp < end
             pair = tl.load(order + pp, mask=m_p, other=0).to(tl.int64)
-            row = pair // NPICK
-            wt = tl.load(w + pair, mask=m_p, other=0.0).to(tl.float32)
-            x = tl.load(q + row[:, None] * K + kk[None, :], mask=m_p[:, None] & m_k[None, :], other=0.0)
-            x = x.to(tl.float32) * scale
-            g = tl.load(do + row[:, None] * V + vv[None, :], mask=m_p[:, None] & m_v[None, :], other=0.0)
-            g = g.to(tl.float32)
-            xw = x * wt[:, None]
-            if LOW_DOT:
-                dS_acc = tl.dot(tl.trans(xw.to(q.dtype.element_ty)), g.to(q.dtype.element_ty), dS_acc)
-                gs = tl.dot(g.to(q.dtype.element_ty), tl.trans(S.to(q.dtype.element_ty)))  # do @ S_iᵀ, this V block
-            else:
-                dS_acc = tl.dot(tl.trans(xw), g, dS_acc, input_precision="ieee")
-                gs = tl.dot(g, tl.trans(S.to(tl.float32)), input_precision="ieee")
-            tl.atomic_add(dq + row[:, None] * K + kk[None, :], gs * (wt * scale)[:, None],
+            t = (pair // NPICK - i_bh * T).to(tl.int32)
+            wt = tl.load(w + pair, mask=m_p, other=0.0).to(tl.float32) * scale
+            x = tl.load(q + i_bh * T * K + (t[:, None] * K + kk[None, :]), mask=m_p[:, None] & m_k[None, :], other=0.0)
+            x = operand(x, dt, LOW_DOT)
+            g = tl.load(do + i_bh * T * V + (t[:, None] * V + vv[None, :]), mask=m_p[:, None] & m_v[None, :],
+                        other=0.0)
+            g = operand(g, dt, LOW_DOT)
+            gw = operand(g.to(tl.float32) * wt[:, None], dt, LOW_DOT)
+            dS_acc += dot(tl.trans(x), gw, LOW_DOT)
+            gs = dot(g, tl.trans(S), LOW_DOT)  # do @ S_iᵀ over this value block: [BT, BK]
+            tl.atomic_add(dq + i_bh * T * K + (t[:, None] * K + kk[None, :]), gs * wt[:, None],
                           mask=m_p[:, None] & m_k[None, :])
-            tl.atomic_add(dw + pair, tl.sum(x * gs, 1), mask=m_p)
-    tl.store(dS + (g_id * K + kk[:, None]) * V + vv[None, :], dS_acc.to(dS.dtype.element_ty), mask=m_kv)
+            tl.atomic_add(dw + pair, tl.sum(x.to(tl.float32) * gs, 1) * scale, mask=m_p)
+    tl.store(dS + g_id * K * V + (kk[:, None] * V + vv[None, :]), dS_acc.to(dS.dtype.element_ty), mask=m_kv)
 
 
 def _blocks(K: int, V: int) -> dict:
     BK, BV_full = block(K), block(V)
     if INTERPRET:
-        return dict(BT=32, BK=BK, BV=BV_full)
-    return dict(BT=64 if BK <= 128 else 32, BK=BK, BV=min(BV_full, 64))
+        return dict(BT=32, bwd_BT=32, BK=BK, BV=BV_full)
+    # the backward holds two products per tile and the [K, 64] accumulator: half the tile (ptxas spills at 64)
+    return dict(BT=64 if BK <= 128 else 32, bwd_BT=32 if BK <= 128 else 16, BK=BK, BV=min(BV_full, 64))
 
 
 def _group_pairs(pick: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,13 +133,14 @@ class _SSCRead(torch.autograd.Function):
         k = pick.shape[-1]
         order, offsets = _group_pairs(pick, P)
         bs = _blocks(K, V)
+        states = pool_S.to(q.dtype) if low_precision_dot(q.dtype) else pool_S
         o = torch.zeros(B, H, T, V, dtype=torch.float32, device=q.device)
         _ssc_fwd[(B * H * P, triton.cdiv(V, bs["BV"]))](
-            q, w, pool_S, order, offsets, o, T, k, K, V, scale,
-            BT=bs["BT"], BK=bs["BK"], BV=bs["BV"], LOW_DOT=low_precision_dot(q.dtype), **launch_options("ssc"),
+            q, w, states, order, offsets, o, T, P, k, K, V, scale,
+            BT=bs["BT"], BK=bs["BK"], BV=bs["BV"], LOW_DOT=low_precision_dot(q.dtype), **launch_options("ssc_fwd"),
         )
-        ctx.save_for_backward(q, w, pool_S, order, offsets)
-        ctx.scale = scale
+        ctx.save_for_backward(q, w, states, order, offsets)
+        ctx.scale, ctx.pool_dtype = scale, pool_S.dtype
         return o.to(q.dtype)
 
     @staticmethod
@@ -149,12 +152,12 @@ class _SSCRead(torch.autograd.Function):
         bs = _blocks(K, V)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dw = torch.zeros(w.shape, dtype=torch.float32, device=q.device)
-        dS = empty_for(pool_S)
+        dS = torch.empty(pool_S.shape, dtype=store_dtype(ctx.pool_dtype), device=q.device)
         _ssc_bwd[(B * H * P, triton.cdiv(V, bs["BV"]))](
-            q, w, pool_S, order, offsets, d_o.contiguous(), dq, dw, dS, T, k, K, V, ctx.scale,
-            BT=bs["BT"], BK=bs["BK"], BV=bs["BV"], LOW_DOT=low_precision_dot(q.dtype), **launch_options("ssc"),
+            q, w, pool_S, order, offsets, d_o.contiguous(), dq, dw, dS, T, P, k, K, V, ctx.scale,
+            BT=bs["bwd_BT"], BK=bs["BK"], BV=bs["BV"], LOW_DOT=low_precision_dot(q.dtype), **launch_options("ssc_bwd"),
         )
-        return dq.to(q.dtype), dw.to(w.dtype), dS.to(pool_S.dtype), None, None
+        return dq.to(q.dtype), dw.to(w.dtype), dS.to(ctx.pool_dtype), None, None
 
 
 def ssc_read(
