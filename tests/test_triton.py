@@ -263,6 +263,9 @@ def test_gpu_benchmark_dry_run(tmp_path):
 
 # ---------------------------------------------------------------- CUDA, realistic sizes (`pytest -m gpu`)
 
+#: the compiled kernels multiply bf16 operands (states rounded to bf16 too), which the interpreter never does
+GPU_BF16_RMS = 1e-2
+
 
 @gpu
 @needs_cuda
@@ -273,7 +276,7 @@ def test_gpu_cached_read(aggregation, T, dtype):
     tensors, index, d_o = make_case(B=2, H=4, T=T, K=128, V=128, KS=128, segment=128, dtype=dtype,
                                     device="cuda")
     check(tensors, index, d_o, aggregation, scale=128**-0.5, score_scale=128**-0.5, tol=1e-4,
-          rms=None if dtype == torch.float32 else 8e-3)
+          rms=None if dtype == torch.float32 else GPU_BF16_RMS)
 
 
 @gpu
@@ -283,7 +286,7 @@ def test_gpu_cached_read(aggregation, T, dtype):
 def test_gpu_ssc(T, dtype):
     tensors, index, d_o = make_case(B=2, H=4, T=T, K=128, V=128, KS=128, segment=128, dtype=dtype, device="cuda")
     check(tensors, index, d_o, "ssc", top_k=4, scale=128**-0.5, score_scale=128**-0.5, tol=1e-4,
-          rms=None if dtype == torch.float32 else 8e-3)
+          rms=None if dtype == torch.float32 else GPU_BF16_RMS)
 
 
 @gpu
