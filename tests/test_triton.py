@@ -3,7 +3,9 @@
 Without CUDA the kernels run in Triton's interpreter: this module puts `TRITON_INTERPRET=1` in the environment
 while it imports triton (triton fixes the mode at its first import, which pytest's collection of this module
 is, unless an earlier module imported triton or `torch._dynamo`) and takes it out again, so the rest of the
-suite sees the environment it had. The `gpu` tests run the compiled kernels at realistic sizes on CUDA.
+suite sees the environment it had. When an earlier module did import triton (in the whole suite, transformers
+does), the tests here skip and one test runs this file in a fresh process instead. The `gpu` tests run the
+compiled kernels at realistic sizes on CUDA.
 """
 
 from __future__ import annotations
@@ -29,17 +31,33 @@ finally:
     if _SET_INTERPRET:
         del os.environ["TRITON_INTERPRET"]
 
-if not _CUDA and not mt.INTERPRET:
-    pytest.skip(
-        "triton was imported in GPU mode before this module (e.g. by torch._dynamo) and there is no CUDA: run "
-        "with TRITON_INTERPRET=1 in the environment or this file on its own",
-        allow_module_level=True,
-    )
+#: the kernels can run in this process: compiled on CUDA, or interpreted because triton was first imported here
+RUNNABLE = _CUDA or mt.INTERPRET
+NOT_RUNNABLE = ("triton was imported in GPU mode before this module (transformers imports torch._dynamo, which "
+                "imports triton) and there is no CUDA: test_interpreter_in_fresh_process runs this file instead")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cpu" if mt.INTERPRET else "cuda"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not _CUDA or mt.INTERPRET, reason="needs a CUDA device (compiled kernels)")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_runnable(request):
+    if not RUNNABLE and request.node.originalname != "test_interpreter_in_fresh_process":
+        pytest.skip(NOT_RUNNABLE)
+
+
+@pytest.mark.skipif(RUNNABLE, reason="the kernels run in this process")
+def test_interpreter_in_fresh_process():
+    """When an earlier test module imported triton in GPU mode on a CPU-only machine (the whole suite in one
+    process), this module's interpreter tests run in a fresh process, where it imports triton first."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow and not gpu",
+           str(Path(__file__).resolve())]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
 
 
 # ---------------------------------------------------------------- the reference: SPEC §2.3, literally
