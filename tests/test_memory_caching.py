@@ -550,3 +550,24 @@ def test_summary_keys_of_another_dim_cannot_continue_a_state():
                           output_final_state=True)
     with pytest.raises(ValueError, match="summary keys"):
         memory_caching(x, x, x, segment_size=4, initial_state=s)
+
+
+def test_backend_choice():
+    """`backend` is validated like every setting; a backend whose kernels cannot run here falls back to the
+    PyTorch path (the same result, never a wrong one); MCRNN_BACKEND sets the default."""
+    x = torch.randn(1, 40, 2, 8)
+    with pytest.raises(ValueError, match="`backend`"):
+        memory_caching(x, x, x, segment_size=8, backend="cuda")
+    ref, _ = memory_caching(x, x, x, segment_size=8, backend="torch")
+    for backend in ("auto", "triton"):  # CPU tensors: auto is the torch path; triton runs only if it can
+        o, _ = memory_caching(x, x, x, segment_size=8, backend=backend)
+        assert_close(o, ref, 2e-5, backend)
+
+
+def test_backend_from_the_environment(monkeypatch):
+    x = torch.randn(1, 20, 2, 4)
+    monkeypatch.setenv("MCRNN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="MCRNN_BACKEND"):
+        memory_caching(x, x, x, segment_size=8)
+    monkeypatch.setenv("MCRNN_BACKEND", "torch")
+    memory_caching(x, x, x, segment_size=8)

@@ -240,6 +240,32 @@ def test_ssc_read_with_empty_and_repeated_slots():
         assert_close(a, b, 2e-5, name)
 
 
+@pytest.mark.parametrize("aggregation", ["grm", "soup", "residual", "mean", "ssc"])
+@pytest.mark.parametrize("init", ["checkpoint", "independent"])
+def test_memory_caching_backend_triton_matches_torch(aggregation, init):
+    """The dispatch: `memory_caching(..., backend="triton")` runs the kernels and equals the PyTorch path, output
+    and every gradient (the final state does not depend on the backend)."""
+    from mcrnn.ops import memory_caching
+
+    g = torch.Generator().manual_seed(3)
+    B, T, H, K, V = 2, 77, 2, 8, 12
+    leaves = [torch.randn(B, T, H, d, generator=g, device=DEVICE).requires_grad_() for d in (K, K, V, K)]
+    decay = torch.sigmoid(torch.randn(B, T, H, generator=g, device=DEVICE) + 2).requires_grad_()
+    kw = dict(gates={"decay": decay}, segment_size=8, aggregation=aggregation, init=init, top_k=2,
+              output_final_state=True)
+    outs = {}
+    for backend in ("torch", "triton"):
+        o, st = memory_caching(*leaves, backend=backend, **kw)
+        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(4)).to(o.device)
+        grads = torch.autograd.grad((o * w).sum(), [*leaves, decay], allow_unused=True)  # u: scored only
+        outs[backend] = (o, st, [torch.zeros_like(x) if d is None else d for d, x in zip(grads, [*leaves, decay])])
+    (o1, s1, g1), (o2, s2, g2) = outs["torch"], outs["triton"]
+    assert_close(o2, o1, 2e-5, "output")
+    assert_close(s2.cache["S"], s1.cache["S"], 1e-6, "cached states")
+    for a, b, name in zip(g2, g1, ["q", "k", "v", "u", "decay"]):
+        assert_close(a, b, 2e-5, f"d{name}")
+
+
 def test_bad_inputs_raise_value_errors():
     tensors, index, _ = make_case(T=40)
     args = dict(**tensors, **index)

@@ -65,13 +65,15 @@ class MemoryCachingAttention(nn.Module):
         norm_eps: float = 1e-6,
         layer_idx: int | None = None,
         cache_scores: str = "context",
+        backend: str | None = None,
         spec: MCSpec | None = None,
     ):
         super().__init__()
         if spec is None:
             spec = MCSpec(memory=memory, aggregation=aggregation, segment_size=segment_size,
                           segmentation=segmentation, init=init, top_k=top_k, mini_batch=mini_batch,
-                          cache_scores=cache_scores, use_u=use_u, memory_depth=memory_depth, expansion=expansion)
+                          cache_scores=cache_scores, use_u=use_u, memory_depth=memory_depth, expansion=expansion,
+                          backend=backend)
         elif not isinstance(spec, MCSpec):
             raise ValueError(f"`spec` must be an mcrnn.ops.MCSpec, got {type(spec).__name__}")
         self.spec = spec

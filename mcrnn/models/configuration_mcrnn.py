@@ -38,6 +38,8 @@ class MCConfig(PretrainedConfig):
         cache_scores: "context" (scores `<u_t, p_i>` with `p_i` the mean key of segment i, SPEC §2.3) or
             "input" (the ablation of context-dependent gates: `p_i` is segment i's mean position over
             `segment_size` and `u_t` one scalar per head; scored aggregations only, needs `use_u`).
+        backend: where the cached reads run: "auto" | "torch" | "triton" | None (the environment's
+            `MCRNN_BACKEND`, else "auto"; see :class:`mcrnn.ops.MCSpec`).
         conv_size: kernel of the short convolution; norm_eps: RMSNorm epsilon.
         max_position_embeddings, rope_theta: RoPE of the attention layers.
     """
@@ -77,6 +79,7 @@ class MCConfig(PretrainedConfig):
         eos_token_id: int | None = None,
         ssc_top_k: int | None = None,
         cache_scores: str = "context",
+        backend: str | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -105,6 +108,7 @@ class MCConfig(PretrainedConfig):
         self.memory_depth = memory_depth
         self.use_u = use_u
         self.cache_scores = cache_scores
+        self.backend = backend
         self.conv_size = conv_size
         self.norm_eps = norm_eps
         self.initializer_range = initializer_range
@@ -143,7 +147,7 @@ class MCConfig(PretrainedConfig):
         return MCSpec(memory=self.memory, aggregation=self.aggregation, segment_size=self.segment_size,
                       segmentation=self.segmentation, init=self.init, top_k=self.top_k, mini_batch=self.mini_batch,
                       cache_scores=self.cache_scores, use_u=self.use_u, memory_depth=self.memory_depth,
-                      expansion=self.expansion)
+                      expansion=self.expansion, backend=self.backend)
 
     # ---- validation ----------------------------------------------------------------------------------------
     def validate(self) -> None:

@@ -47,6 +47,7 @@ def memory_caching(
     output_final_state: bool = False,
     summary_keys: torch.Tensor | None = None,
     spec: MCSpec | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, MCState | None]:
     """Memory Caching over a recurrent memory (SPEC §2), chunk-parallel.
 
@@ -72,14 +73,17 @@ def memory_caching(
             do not depend on what a segment wrote (`cache_scores="input"` of the layer). The state then holds
             their sums, so a continuing call must pass summary keys of the same dim.
         spec: an :class:`MCSpec` holding the settings (memory, aggregation, segment_size, segmentation, init,
-            top_k, mini_batch), validated once, instead of passing them one by one.
+            top_k, mini_batch, backend), validated once, instead of passing them one by one.
+        backend: "auto" (Triton kernels for the cached reads of CUDA tensors when triton imports) | "torch" |
+            "triton" (the kernels wherever they run: CPU tensors under `TRITON_INTERPRET=1` too) | None (the
+            environment's `MCRNN_BACKEND`, else "auto"). Calls the kernels do not cover use PyTorch.
     Returns:
         `o: [B, T, H, V]` in q's dtype and, if `output_final_state`, the :class:`MCState` after the last token.
     """
     opts, gates, state, dt = prepare_call(
         q, k, v, u, gates, initial_state, boundaries, summary_keys, spec=spec, memory=memory,
         aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k,
-        scale=scale, score_scale=score_scale, params=params, mini_batch=mini_batch,
+        scale=scale, score_scale=score_scale, params=params, mini_batch=mini_batch, backend=backend,
     )
     T = q.shape[1]
     plan = make_plan(T, opts, state, boundaries)
@@ -272,6 +276,10 @@ def _aggregate(opts: MCOptions, plan: Plan, q, u, r, p_on, pool_states: State, p
         s = seg[t0:t1, None]
         return (lo[None] <= s) & (s < hi[None])
 
+    o = _triton_aggregate(opts, q, u, r, p_on, pool_states, pool_p, seg, lo, hi)
+    if o is not None:
+        return o
+
     spans = []
     for t0, t1, sa, sb in _blocks(plan):
         union = [i for i, e in enumerate(plan.entries) if e.vis_lo <= sb and e.vis_hi > sa]
@@ -292,6 +300,30 @@ def _aggregate(opts: MCOptions, plan: Plan, q, u, r, p_on, pool_states: State, p
         recompute = grad and agg.recompute_block(mem, visible.shape[1], K, V, opts.top_k)
         outs.append(checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
     return torch.cat(outs, dim=2)
+
+
+def _triton_aggregate(opts: MCOptions, q, u, r, p_on, pool_states: State, pool_p, seg, lo, hi):
+    """The cached reads in the Triton kernels (`mcrnn.ops.triton`, imported here only) when the backend asks
+    for them and they cover the call (a memory read linearly from one `S: [K, V]`, a covered aggregation, dims
+    and dtypes they take); None otherwise (then PyTorch computes it)."""
+    backend = opts.spec.resolved_backend()
+    if backend == "torch" or not (opts.memory.linear_read and set(pool_states) == {"S"}) or not pool_p.shape[2]:
+        return None
+    if backend == "auto" and not q.is_cuda:
+        return None
+    try:
+        import mcrnn.ops.triton as kernels
+    except ImportError:  # triton is an optional extra
+        return None
+    if not (q.is_cuda or kernels.INTERPRET):  # CPU tensors need triton imported with TRITON_INTERPRET=1
+        return None
+    S = pool_states["S"]
+    if kernels.unsupported_reason(q, S, opts.aggregation, u) is not None:
+        return None
+    kw = dict(scale=opts.scale, score_scale=opts.score_scale)
+    if opts.aggregation == "ssc":
+        return kernels.ssc_cached_read(q, u, r, p_on, pool_p, S, seg, lo, hi, top_k=opts.top_k, **kw)
+    return kernels.cached_read(q, u, r, p_on, pool_p, S, seg, lo, hi, aggregation=opts.aggregation, **kw)
 
 
 class _AggregateBlock:

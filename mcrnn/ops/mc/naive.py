@@ -136,12 +136,14 @@ def naive_memory_caching(
     output_final_state: bool = False,
     summary_keys: torch.Tensor | None = None,
     spec: MCSpec | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, MCState | None]:
-    """Memory Caching one token at a time (the reference). Same contract as :func:`memory_caching`."""
+    """Memory Caching one token at a time (the reference; `backend` is accepted for the shared signature and
+    has no effect here). Same contract as :func:`memory_caching`."""
     opts, gates, state, dt = prepare_call(
         q, k, v, u, gates, initial_state, boundaries, summary_keys, spec=spec, memory=memory,
         aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k,
-        scale=scale, score_scale=score_scale, params=params, mini_batch=mini_batch,
+        scale=scale, score_scale=score_scale, params=params, mini_batch=mini_batch, backend=backend,
     )
     T = q.shape[1]
     ends = _boundary_set(boundaries, T) if segmentation == "boundaries" else None

@@ -7,6 +7,7 @@ from its keyword arguments). Every check of these settings lives here and nowher
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from mcrnn.ops.mc.aggregations import AGGREGATIONS, Aggregation, get_aggregation
@@ -20,6 +21,10 @@ INITS = ("checkpoint", "independent")
 #: context-dependent gates: the weights depend on the current token and the segments' age only)
 CACHE_SCORES = ("context", "input")
 MEMORY_DEPTHS = (1, 2)
+#: where the cached reads run: "auto" (Triton kernels for CUDA tensors when triton imports, else PyTorch),
+#: "torch", or "triton" (the kernels wherever they can run, CPU tensors under TRITON_INTERPRET=1 included).
+#: A call the kernels do not cover falls back to PyTorch. None: the environment's MCRNN_BACKEND, else "auto".
+BACKENDS = ("auto", "torch", "triton")
 
 
 def _is_int(x) -> bool:
@@ -41,6 +46,8 @@ class MCSpec:
         cache_scores: "context" | "input" (layers only; scored aggregations, needs `use_u`).
         use_u: layers only: a separate projection for the score queries `u` (else `u = q`).
         memory_depth, expansion: layers only: the deep memories' MLP (depth 1 or 2, hidden `expansion · K`).
+        backend: "auto" | "torch" | "triton" | None (the environment's `MCRNN_BACKEND`, else "auto"): where the
+            cached reads run (see :data:`BACKENDS`).
     """
 
     memory: str = "linear"
@@ -54,6 +61,7 @@ class MCSpec:
     use_u: bool = True
     memory_depth: int = 2
     expansion: int = 4
+    backend: str | None = None
 
     def __post_init__(self):
         get_memory(self.memory)  # ValueError naming `memory`
@@ -102,6 +110,17 @@ class MCSpec:
             raise ValueError(f"`memory_depth` must be 1 or 2, got {self.memory_depth!r}")
         if not _is_int(self.expansion) or self.expansion < 1:
             raise ValueError(f"`expansion` must be an integer >= 1, got {self.expansion!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"unknown `backend` {self.backend!r}: choose one of {list(BACKENDS)} (or None)")
+
+    def resolved_backend(self) -> str:
+        """The backend of a call: the spec's, else the environment's `MCRNN_BACKEND`, else "auto"."""
+        if self.backend is not None:
+            return self.backend
+        env = os.environ.get("MCRNN_BACKEND", "auto")
+        if env not in BACKENDS:
+            raise ValueError(f"the environment's MCRNN_BACKEND={env!r} is not one of {list(BACKENDS)}")
+        return env
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> MCSpec:
@@ -142,7 +161,7 @@ class MCSpec:
 
 #: the op's defaults for the settings a spec holds (`memory_caching`'s keyword arguments)
 OP_DEFAULTS = dict(memory="linear", aggregation="grm", segment_size=256, segmentation="constant", init="checkpoint",
-                   top_k=None, mini_batch=None)
+                   top_k=None, mini_batch=None, backend=None)
 
 
 def resolve_spec(spec: MCSpec | None, **settings) -> MCSpec:
