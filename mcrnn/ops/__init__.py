@@ -1,5 +1,7 @@
 """mcrnn ops: recurrent memories and Memory Caching over them (torch only; nothing heavy at import)."""
 
+from mcrnn.ops.delta import chunk_delta, naive_delta
+from mcrnn.ops.gdn import chunk_gdn, naive_gdn
 from mcrnn.ops.linear import chunk_linear, naive_linear
 from mcrnn.ops.mc import (
     AGGREGATIONS,
@@ -23,4 +25,5 @@ __all__ = [
     "chunk_linear", "naive_linear", "chunk_swla", "naive_swla", "memory_caching", "naive_memory_caching",
     "memory_caching_step", "MCState", "MCOptions", "Memory", "MEMORIES", "get_memory", "register_memory",
     "AGGREGATIONS", "INITS", "SEGMENTATIONS",
+    "chunk_delta", "naive_delta", "chunk_gdn", "naive_gdn",
 ]
