@@ -36,33 +36,42 @@ class _MatrixScan(torch.autograd.Function):
     (`[B, H, n, K, V]`, the state entering chunk `i`) and `S_n`.
 
     A hand-written backward: autograd over the Python loop would keep one graph node per chunk and zero-fill a
-    full `[B, H, n, ...]` gradient for every sliced chunk; here `dM` is one batched GEMM after the loop."""
+    full `[B, H, n, ...]` gradient for every sliced chunk; here `dM` is one batched GEMM after the loop. The loop
+    runs chunk-major (`[n, B·H, ...]`, contiguous) so that each step is one `baddbmm` without copies."""
 
     @staticmethod
     def forward(ctx, carry: torch.Tensor, delta: torch.Tensor, s0: torch.Tensor):
-        n = delta.shape[2]
-        starts = delta.new_empty(delta.shape)
-        state = s0
+        B, H, n, K, V = delta.shape
+        carry_n = carry.reshape(B * H, n, K, K).transpose(0, 1).contiguous()
+        delta_n = delta.reshape(B * H, n, K, V).transpose(0, 1).contiguous()
+        starts = delta.new_empty(n, B * H, K, V)
+        state = s0.reshape(B * H, K, V)
         for i in range(n):
-            starts[:, :, i] = state
-            state = torch.matmul(carry[:, :, i], state).add_(delta[:, :, i])
-        ctx.save_for_backward(carry, starts)
-        return starts, state
+            starts[i] = state
+            state = torch.baddbmm(delta_n[i], carry_n[i], state)
+        ctx.save_for_backward(carry_n, starts)
+        return starts.transpose(0, 1).reshape(B, H, n, K, V), state.reshape(B, H, K, V)
 
     @staticmethod
     def backward(ctx, d_starts: torch.Tensor | None, d_final: torch.Tensor | None):
-        carry, starts = ctx.saved_tensors
-        n = starts.shape[2]
+        carry_n, starts = ctx.saved_tensors
+        n, BH, K, V = starts.shape
+        B, H = d_final.shape[:2] if d_final is not None else d_starts.shape[:2]
         d_delta = torch.empty_like(starts)
-        d_state = d_final if d_final is not None else torch.zeros_like(starts[:, :, 0])
-        carry_t = carry.transpose(-1, -2)
+        d_state = d_final.reshape(BH, K, V) if d_final is not None else starts.new_zeros(BH, K, V)
+        if d_starts is not None:
+            d_starts = d_starts.reshape(BH, n, K, V).transpose(0, 1).contiguous()
+        carry_t = carry_n.transpose(-1, -2)
         for i in range(n - 1, -1, -1):
-            d_delta[:, :, i] = d_state
-            d_state = torch.matmul(carry_t[:, :, i], d_state)
+            d_delta[i] = d_state
             if d_starts is not None:
-                d_state = d_state + d_starts[:, :, i]
-        d_carry = d_delta @ starts.transpose(-1, -2) if ctx.needs_input_grad[0] else None
-        return d_carry, d_delta, d_state
+                d_state = torch.baddbmm(d_starts[i], carry_t[i], d_state)
+            else:
+                d_state = torch.bmm(carry_t[i], d_state)
+        d_carry = None
+        if ctx.needs_input_grad[0]:
+            d_carry = (d_delta @ starts.transpose(-1, -2)).transpose(0, 1).reshape(B, H, n, K, K)
+        return d_carry, d_delta.transpose(0, 1).reshape(B, H, n, K, V), d_state.reshape(B, H, K, V)
 
 
 def delta_scan(
@@ -112,9 +121,7 @@ def delta_scan(
         reset_flags[torch.as_tensor(list(resets), dtype=torch.long, device=dev)] = 1
     rc = reset_flags.reshape(n, c).cumsum(-1)  # resets seen so far inside the chunk: tokens with equal rc interact
     same = rc[:, :, None] == rc[:, None, :]  # [n, c, c]
-    lower = torch.ones(c, c, dtype=torch.bool, device=dev).tril()
-    strict = (lower.logical_and(~torch.eye(c, dtype=torch.bool, device=dev)) & same).expand(B, H, n, c, c)
-    causal = (lower & same).expand(B, H, n, c, c)
+    causal = (torch.ones(c, c, dtype=torch.bool, device=dev).tril() & same).expand(B, H, n, c, c)
 
     def ratio(g_to: torch.Tensor | None, g_from: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
         """`γ_to / γ_from = exp(g_to − g_from)` where `keep`, else 0 (masked before the exp: no overflow)."""
@@ -123,15 +130,17 @@ def delta_scan(
         return torch.exp((g_to - g_from).masked_fill(~keep, float("-inf")))
 
     from_start = (rc == 0).expand(B, H, n, c)  # tokens that still see the state entering the chunk
-    gamma = ratio(g, torch.zeros_like(g) if g is not None else None, from_start)  # [B, H, n, c]
+    gamma = from_start.to(dt) if g is None else torch.exp(g.masked_fill(~from_start, float("-inf")))  # [B, H, n, c]
+    # γ_t / γ_j for j ≤ t: the intra-chunk decays of both the UT system and the output
+    decays = ratio(g.unsqueeze(-1) if g is not None else None, g.unsqueeze(-2) if g is not None else None, causal)
 
-    # The UT transform: one unit-lower-triangular solve for both right-hand sides [β v | β γ k].
-    kk = kc @ kc.transpose(-1, -2)
-    A = kk * ratio(g.unsqueeze(-1) if g is not None else None, g.unsqueeze(-2) if g is not None else None, strict)
-    A = A * bc
+    # The UT transform: one unit-lower-triangular solve for both right-hand sides [β v | β γ k]. The solver
+    # reads only the strictly lower part of A (the diagonal is taken as 1 and gets no gradient).
+    A = (kc @ kc.transpose(-1, -2)) * decays * bc
     rhs = torch.cat([vc * bc, kc * (bc * gamma.unsqueeze(-1))], dim=-1)
-    W = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # A's zero diagonal reads as 1
-    W_v, W_k = W[..., :V], W[..., V:]
+    W = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    # contiguous halves: CPU bmm falls back to one GEMM (and one copy) per matrix on these strided views
+    W_v, W_k = (x.contiguous() for x in W.split([V, K], dim=-1))
 
     end_keep = (rc == rc[:, -1:]).expand(B, H, n, c)
     k_end = kc * ratio(g[..., -1:] if g is not None else None, g, end_keep).unsqueeze(-1)  # K̃
@@ -150,9 +159,7 @@ def delta_scan(
     o = None
     if q is not None:
         qc = chunks(q)
-        intra = (qc @ kc.transpose(-1, -2)) * ratio(
-            g.unsqueeze(-1) if g is not None else None, g.unsqueeze(-2) if g is not None else None, causal
-        )
+        intra = (qc @ kc.transpose(-1, -2)) * decays
         o = intra @ U + (qc * gamma.unsqueeze(-1)) @ start_states
         o = o.reshape(B, H, n * c, V)[:, :, :T]
 
