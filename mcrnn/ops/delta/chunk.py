@@ -136,18 +136,17 @@ def delta_scan(
 
     # The UT transform: one unit-lower-triangular solve for both right-hand sides [β v | β γ k]. The solver
     # reads only the strictly lower part of A (the diagonal is taken as 1 and gets no gradient).
-    A = (kc @ kc.transpose(-1, -2)) * decays * bc
-    rhs = torch.cat([vc * bc, kc * (bc * gamma.unsqueeze(-1))], dim=-1)
-    W = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
-    # contiguous halves: CPU bmm falls back to one GEMM (and one copy) per matrix on these strided views
-    W_v, W_k = (x.contiguous() for x in W.split([V, K], dim=-1))
+    A = ((kc * bc) @ kc.transpose(-1, -2)) * decays
+    rhs = torch.cat([vc, kc * gamma.unsqueeze(-1)], dim=-1) * bc
+    W = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # [W_v | W_k]: [B, H, n, c, V + K]
 
     end_keep = (rc == rc[:, -1:]).expand(B, H, n, c)
     k_end = kc * ratio(g[..., -1:] if g is not None else None, g, end_keep).unsqueeze(-1)  # K̃
-    k_end_t = k_end.transpose(-1, -2)
+    delta, k_end_W_k = (k_end.transpose(-1, -2) @ W).split([V, K], dim=-1)
     eye = torch.eye(K, dtype=dt, device=dev)
-    carry = gamma[..., -1, None, None] * eye - k_end_t @ W_k  # [B, H, n, K, K]
-    delta = k_end_t @ W_v  # [B, H, n, K, V]
+    carry = gamma[..., -1, None, None] * eye - k_end_W_k  # [B, H, n, K, K]
+    # contiguous halves: CPU bmm falls back to one GEMM (and one copy) per matrix on strided views
+    W_v, W_k = (x.contiguous() for x in W.split([V, K], dim=-1))
 
     state = initial_state if initial_state is not None else k.new_zeros(B, H, K, V)
     start_states, state = _MatrixScan.apply(carry, delta, state)
