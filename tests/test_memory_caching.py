@@ -91,9 +91,9 @@ def test_one_segment_is_the_base_memory(memory, aggregation):
     o_mc, _ = memory_caching(q, k, v, u, memory=memory, gates=gates, segment_size=64, aggregation=aggregation,
                              top_k=1)
     o_base, _ = memory_caching(q, k, v, u, memory=memory, gates=gates, segment_size=64, aggregation="none")
-    from mcrnn.ops import chunk_swla
+    from mcrnn.ops import chunk_delta, chunk_gdn, chunk_swla
 
-    base = chunk_linear if memory == "linear" else chunk_swla
+    base = {"linear": chunk_linear, "swla": chunk_swla, "delta": chunk_delta, "gdn": chunk_gdn}[memory]
     o_ref, _ = base(q, k, v, **gates)
     assert_close(o_base, o_ref, 1e-12)
     assert_close(o_mc, o_ref, 1e-12)

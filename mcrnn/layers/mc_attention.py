@@ -66,6 +66,7 @@ class MemoryCachingAttention(nn.Module):
         layer_idx: int | None = None,
         cache_scores: str = "context",
         backend: str | None = None,
+        allow_neg_eigval: bool = False,
         spec: MCSpec | None = None,
     ):
         super().__init__()
@@ -73,7 +74,7 @@ class MemoryCachingAttention(nn.Module):
             spec = MCSpec(memory=memory, aggregation=aggregation, segment_size=segment_size,
                           segmentation=segmentation, init=init, top_k=top_k, mini_batch=mini_batch,
                           cache_scores=cache_scores, use_u=use_u, memory_depth=memory_depth, expansion=expansion,
-                          backend=backend)
+                          backend=backend, allow_neg_eigval=allow_neg_eigval)
         elif not isinstance(spec, MCSpec):
             raise ValueError(f"`spec` must be an mcrnn.ops.MCSpec, got {type(spec).__name__}")
         self.spec = spec
@@ -169,7 +170,9 @@ class MemoryCachingAttention(nn.Module):
             summary_keys = pos.view(1, T, 1, 1).expand(B, T, H, 1)
         # gates in float32: a bfloat16 sigmoid cannot resolve decays close to 1
         spec_gates = self.mem.gates
-        gates = {n: _scaled_sigmoid(lin(x).float(), spec_gates[n].hi) for n, lin in self.gates.items()}
+        wide = self.spec.allow_neg_eigval
+        gates = {n: _scaled_sigmoid(lin(x).float(), spec_gates[n].hi if wide else spec_gates[n].layer_hi)
+                 for n, lin in self.gates.items()}
         if keep is not None:
             m = keep[:, :, None, None]
             k, v = k * m.to(k.dtype), v * m.to(v.dtype)

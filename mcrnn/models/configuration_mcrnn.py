@@ -26,7 +26,7 @@ class MCConfig(PretrainedConfig):
         vocab_size, hidden_size, num_hidden_layers, num_heads: the usual sizes.
         mixer: "mc" (Memory Caching over `memory`) or "attention" (causal softmax attention with RoPE), or a
             list with one of them per layer (hybrids).
-        memory: "linear" | "swla" | "dla" | "titans" (any memory registered in `mcrnn.ops.MEMORIES`).
+        memory: "linear" | "swla" | "dla" | "titans" | "delta" | "gdn" (any memory in `mcrnn.ops.MEMORIES`).
         aggregation: "none" (the base RNN) | "residual" | "grm" | "soup" | "ssc" (needs `top_k`) | "mean".
         segment_size, segmentation ("constant" | "logarithmic"), init ("checkpoint" | "independent"),
             top_k, mini_batch (deep memories; `segment_size` must be a multiple of it): see
@@ -38,6 +38,7 @@ class MCConfig(PretrainedConfig):
         cache_scores: "context" (scores `<u_t, p_i>` with `p_i` the mean key of segment i, SPEC §2.3) or
             "input" (the ablation of context-dependent gates: `p_i` is segment i's mean position over
             `segment_size` and `u_t` one scalar per head; scored aggregations only, needs `use_u`).
+        allow_neg_eigval: the delta rule's `beta` in [0, 2] instead of [0, 1] (negative eigenvalues).
         backend: where the cached reads run: "auto" | "torch" | "triton" | None (the environment's
             `MCRNN_BACKEND`, else "auto"; see :class:`mcrnn.ops.MCSpec`).
         conv_size: kernel of the short convolution; norm_eps: RMSNorm epsilon.
@@ -80,6 +81,7 @@ class MCConfig(PretrainedConfig):
         ssc_top_k: int | None = None,
         cache_scores: str = "context",
         backend: str | None = None,
+        allow_neg_eigval: bool = False,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -109,6 +111,7 @@ class MCConfig(PretrainedConfig):
         self.use_u = use_u
         self.cache_scores = cache_scores
         self.backend = backend
+        self.allow_neg_eigval = allow_neg_eigval
         self.conv_size = conv_size
         self.norm_eps = norm_eps
         self.initializer_range = initializer_range
@@ -147,7 +150,8 @@ class MCConfig(PretrainedConfig):
         return MCSpec(memory=self.memory, aggregation=self.aggregation, segment_size=self.segment_size,
                       segmentation=self.segmentation, init=self.init, top_k=self.top_k, mini_batch=self.mini_batch,
                       cache_scores=self.cache_scores, use_u=self.use_u, memory_depth=self.memory_depth,
-                      expansion=self.expansion, backend=self.backend)
+                      expansion=self.expansion, backend=self.backend,
+                      allow_neg_eigval=self.allow_neg_eigval)
 
     # ---- validation ----------------------------------------------------------------------------------------
     def validate(self) -> None:

@@ -28,13 +28,16 @@ class Gate:
         init_bias: the bias a layer's gate projection starts at (the gates start near "remember").
         on_pad: the value on padded tokens: with zero keys and values it leaves the memory unchanged.
         default: the value an op uses when the gate is not given.
-        hi: upper bound of the gate's values (the lower bound is 0); a layer produces `hi · sigmoid(·)`.
+        hi: upper bound of the gate's values that the ops accept (the lower bound is 0).
+        layer_hi: the layer's range, `layer_hi · sigmoid(·)`; a layer with `allow_neg_eigval` uses `hi` instead
+            (the delta rule's `β ∈ [0, 2]`).
     """
 
     init_bias: float = 0.0
     on_pad: float = 1.0
     default: float = 1.0
     hi: float = 1.0
+    layer_hi: float = 1.0
 
 
 class Memory:

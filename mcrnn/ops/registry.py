@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from mcrnn.ops.deep import DLAMemory, TitansMemory
+from mcrnn.ops.delta.memory import DeltaMemory
+from mcrnn.ops.gdn.memory import GDNMemory
 from mcrnn.ops.linear.memory import LinearMemory
 from mcrnn.ops.memory import Memory
 from mcrnn.ops.swla.memory import SWLAMemory
@@ -12,6 +14,8 @@ MEMORIES: dict[str, Memory] = {
     "swla": SWLAMemory(),
     "dla": DLAMemory(),
     "titans": TitansMemory(),
+    "delta": DeltaMemory(),
+    "gdn": GDNMemory(),
 }
 
 

@@ -46,6 +46,8 @@ class MCSpec:
         cache_scores: "context" | "input" (layers only; scored aggregations, needs `use_u`).
         use_u: layers only: a separate projection for the score queries `u` (else `u = q`).
         memory_depth, expansion: layers only: the deep memories' MLP (depth 1 or 2, hidden `expansion · K`).
+        allow_neg_eigval: layers only: gates whose ops accept more than [0, 1] (the delta rule's `beta` in
+            [0, 2]: negative eigenvalues of `I − β k kᵀ`) are produced over their full range.
         backend: "auto" | "torch" | "triton" | None (the environment's `MCRNN_BACKEND`, else "auto"): where the
             cached reads run (see :data:`BACKENDS`).
     """
@@ -61,6 +63,7 @@ class MCSpec:
     use_u: bool = True
     memory_depth: int = 2
     expansion: int = 4
+    allow_neg_eigval: bool = False
     backend: str | None = None
 
     def __post_init__(self):
@@ -110,6 +113,8 @@ class MCSpec:
             raise ValueError(f"`memory_depth` must be 1 or 2, got {self.memory_depth!r}")
         if not _is_int(self.expansion) or self.expansion < 1:
             raise ValueError(f"`expansion` must be an integer >= 1, got {self.expansion!r}")
+        if not isinstance(self.allow_neg_eigval, bool):
+            raise ValueError(f"`allow_neg_eigval` must be a bool, got {self.allow_neg_eigval!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"unknown `backend` {self.backend!r}: choose one of {list(BACKENDS)} (or None)")
 
