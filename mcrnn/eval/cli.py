@@ -13,7 +13,8 @@ a bigger model and data: ``--base.model.hidden_size=512 --base.data.seq_len=2048
 with Memory Caching) instead of training: variant ``no_mc`` (the backbone alone) and ``mc`` (its saved MC
 settings, or for a plain checkpoint the ``--mc.key=value`` settings, e.g. ``--mc.aggregation=mean
 --mc.segment_size=256 --mc.init=independent``). CONFIG defaults to ``configs/pretrained/TASK.yaml`` (the data,
-the length ``L`` and the task's eval settings); output goes to ``results/pretrained/<stem>/<model dir name>``.
+the length ``L`` and the task's eval settings); output goes to ``results/pretrained/<stem>/<model dir name>``
+(``<run>-pretrained`` for a training run's ``OUT_DIR/pretrained``).
 """
 
 from __future__ import annotations
@@ -137,7 +138,10 @@ def _eval_checkpoint(args, overrides: dict, mc: dict | None) -> int:
               file=sys.stderr)
         return 2
     config = args.config or repo_path(f"configs/pretrained/{args.task}.yaml")
-    out = args.out or Path("results/pretrained") / Path(config).stem / Path(args.model).resolve().name
+    model_dir = Path(args.model).resolve()
+    # a training run's result is OUT_DIR/pretrained: name it after its run
+    name = f"{model_dir.parent.name}-{model_dir.name}" if model_dir.name == "pretrained" else model_dir.name
+    out = args.out or Path("results/pretrained") / Path(config).stem / name
     only = args.only.split(",") if args.only else None
     try:
         exp = load_experiment(config, args.task, quick=args.quick, overrides=overrides or None)
