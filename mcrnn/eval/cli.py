@@ -3,10 +3,18 @@
     mcrnn eval TASK CONFIG.yaml [--quick] [--out DIR] [--jobs N] [--threads N] [--only V1,V2] [--retrain]
                                 [--dotted.path=value ...]
     mcrnn eval all [--quick] [--jobs N] [--threads N] [--root results/eval]
+    mcrnn eval lm|niah [CONFIG.yaml] --model PATH [--mc.key=value ...] [--quick] [--out DIR] [--device D]
 
 ``--dotted.path=value`` overrides any entry of the experiment file, read as YAML
 (``--base.train.steps=500``, ``--eval.num_examples=64``, ``--seeds=[0]``). On a GPU, the same files run with
 a bigger model and data: ``--base.model.hidden_size=512 --base.data.seq_len=2048 --base.train.device=cuda``.
+
+``--model PATH`` measures a transformers checkpoint directory (``save_pretrained``; a plain Mamba-2 or one saved
+with Memory Caching) instead of training: variant ``no_mc`` (the backbone alone) and ``mc`` (its saved MC
+settings, or for a plain checkpoint the ``--mc.key=value`` settings, e.g. ``--mc.aggregation=mean
+--mc.segment_size=256 --mc.init=independent``). CONFIG defaults to ``configs/pretrained/TASK.yaml`` (the data,
+the length ``L`` and the task's eval settings); output goes to ``results/pretrained/<stem>/<model dir name>``
+(``<run>-pretrained`` for a training run's ``OUT_DIR/pretrained``).
 """
 
 from __future__ import annotations
@@ -69,12 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads per job")
     p.add_argument("--only", default=None, help="comma-separated variants to run")
     p.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="measure this transformers checkpoint directory (lm, niah), with and without MC")
+    p.add_argument("--device", default="auto", help="with --model: cpu, cuda or auto")
     args, rest = p.parse_known_args(argv)
     try:
         overrides = parse_dotted(rest)
     except ValueError as e:
         print(f"mcrnn eval: {e}", file=sys.stderr)
         return 2
+    mc = overrides.pop("mc", None)
+    if args.model is not None or mc is not None:
+        return _eval_checkpoint(args, overrides, mc)
     if args.jobs < 1:
         print("mcrnn eval: --jobs must be >= 1", file=sys.stderr)
         return 2
@@ -109,6 +123,50 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{len(res.get('runs', []))} runs in {res.get('wall_seconds', 0):.0f} s")
     return 0
+
+
+def _eval_checkpoint(args, overrides: dict, mc: dict | None) -> int:
+    """``mcrnn eval lm|niah [CONFIG] --model PATH [--mc.key=value ...]``."""
+    from mcrnn.eval import task_module
+    from mcrnn.eval.common import MODEL_TASKS, load_experiment, run_checkpoint
+
+    if args.model is None:
+        print("mcrnn eval: --mc.* settings need --model PATH (a transformers checkpoint directory)", file=sys.stderr)
+        return 2
+    if args.task not in MODEL_TASKS:
+        print(f"mcrnn eval: --model works with the tasks {', '.join(MODEL_TASKS)}, not {args.task!r}",
+              file=sys.stderr)
+        return 2
+    config = args.config or repo_path(f"configs/pretrained/{args.task}.yaml")
+    model_dir = Path(args.model).resolve()
+    # a training run's result is OUT_DIR/pretrained: name it after its run
+    name = f"{model_dir.parent.name}-{model_dir.name}" if model_dir.name == "pretrained" else model_dir.name
+    out = args.out or Path("results/pretrained") / Path(config).stem / name
+    only = args.only.split(",") if args.only else None
+    try:
+        exp = load_experiment(config, args.task, quick=args.quick, overrides=overrides or None)
+        res = run_checkpoint(exp, task_module(args.task).evaluate, out, args.model, mc=mc, only=only,
+                             device=args.device, threads=args.threads)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mcrnn eval: {e}", file=sys.stderr)
+        return 2
+    for rec in res["runs"]:
+        print(f"{rec['variant']}: " + _summary(args.task, rec["rows"]))
+    print(f"{len(res['runs'])} runs in {res['wall_seconds']:.0f} s; rows in {Path(out) / 'results.json'}")
+    return 0
+
+
+def _summary(task: str, rows: list[dict]) -> str:
+    """One line per variant: perplexity vs length (lm) or exact match per length (niah)."""
+    if task == "lm":
+        ppl = [r for r in rows if r["metric"] == "ppl_extrapolation"]
+        if not ppl:
+            ppl = [r for r in rows if r["metric"] == "ppl"]
+        return "ppl " + ", ".join(f"{r['seq_len']}: {r['value']:.3f}" for r in ppl)
+    by_len: dict[int, list[float]] = {}
+    for r in rows:
+        by_len.setdefault(r["seq_len"], []).append(r["accuracy"])
+    return "exact match " + ", ".join(f"{L}: {sum(a) / len(a):.3f}" for L, a in sorted(by_len.items()))
 
 
 if __name__ == "__main__":

@@ -135,20 +135,27 @@ def _finished(cfg: Config) -> bool:
         return False
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     want = cfg.to_dict()
-    have = ckpt["config"]
-    same = all(have[s] == want[s] for s in ("model", "data")) and all(
+    try:  # checked again, so that a field added since (with its default) does not count as a change
+        have = validate(ckpt["config"]).to_dict()
+    except ValueError:
+        return False
+    same = all(have.get(s) == want.get(s) for s in ("model", "data", "memory_caching")) and all(
         have["train"].get(k) == v for k, v in want["train"].items() if k not in ("out_dir", "progress", "threads"))
     return same and ckpt["step"] >= cfg.train.steps
 
 
 def load_model(run: str | Path, device: str | torch.device = "cpu"):
-    """The model of a trained run directory (``ckpt.pt``), in eval mode, and its :class:`Config`."""
-    from mcrnn.train.trainer import build_model, load_checkpoint
+    """The model of a trained run directory (``ckpt.pt``), in eval mode, and its :class:`Config`.
+
+    A run that started from a pretrained checkpoint (``train.init_from``) is rebuilt from it (with its
+    ``memory_caching`` settings), then gets the trained weights of ``ckpt.pt``.
+    """
+    from mcrnn.train.trainer import build_run_model, load_checkpoint
 
     ckpt = load_checkpoint(Path(run) / "ckpt.pt")
     cfg = validate(ckpt["config"])
     vocab = cfg.model.get("vocab_size") or _data_vocab(cfg)
-    model = build_model(cfg.model, vocab)
+    model = build_run_model(cfg, vocab)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg
 
@@ -261,7 +268,8 @@ def _one_run(args) -> dict:
     t1 = time.perf_counter()
     torch.manual_seed(seed)
     rows = evaluate(model, cfg, exp.eval, variant)
-    state = state_counts(cfg.model, cfg.data.seq_len)
+    # the state census knows mcrnn's own models only
+    state = state_counts(cfg.model, cfg.data.seq_len) if cfg.train.init_from is None else {}
     rec = {"variant": variant, "seed": seed, **info, "state_floats": sum(state.values()), "state": state,
            "model": cfg.model, "train_seq_len": cfg.data.seq_len, "train_steps": cfg.train.steps,
            "wall_train_s": t1 - t0, "wall_eval_s": time.perf_counter() - t1, "rows": rows}
@@ -327,3 +335,94 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
     """Mean and its standard error, ``std / sqrt(n)`` with the sample standard deviation (0 for one value)."""
     m, s = mean_std(xs)
     return m, (s / len(xs) ** 0.5 if xs else float("nan"))
+
+
+# --- a pretrained transformers checkpoint (`mcrnn eval lm|niah --model PATH`) -----------------------------------
+
+#: the tasks that can measure a checkpoint as it is (the others train their models)
+MODEL_TASKS = ("lm", "niah")
+
+
+def checkpoint_variants(path: str | Path, mc: dict | None) -> dict[str, dict | None]:
+    """What ``--model PATH`` measures: variant name -> Memory Caching settings (None: without MC).
+
+    ``no_mc`` is the backbone alone. ``mc`` is the checkpoint with its saved MC settings (and trained
+    ``u_proj``) if it has some, else with the ``--mc.*`` settings if given. ``--mc.*`` on a checkpoint saved
+    with MC is a ValueError: it is measured with the settings its ``u_proj`` was trained for.
+    """
+    from mcrnn.pretrained.loading import checkpoint_config, settings_from
+    from mcrnn.pretrained.settings import CONFIG_KEY
+
+    config = checkpoint_config(path, "--model")
+    saved = getattr(config, CONFIG_KEY, None)
+    settings = settings_from(mc, "--mc") if mc is not None else None
+    if saved is not None:
+        if settings is not None:
+            raise ValueError(f"--mc: {path} was saved with Memory Caching {saved}; it is measured with those "
+                             "settings (mc) and without MC (no_mc). Drop --mc, or point --model at the plain "
+                             "checkpoint to try other settings")
+        return {"no_mc": None, "mc": dict(saved)}
+    out: dict[str, dict | None] = {"no_mc": None}
+    if settings is not None:
+        out["mc"] = settings.to_dict()
+    return out
+
+
+def run_checkpoint(exp: Experiment, evaluate: Evaluator, out: str | Path, model_path: str | Path,
+                   mc: dict | None = None, only: list[str] | None = None, device: str = "auto",
+                   threads: int | None = None) -> dict:
+    """Measure a transformers checkpoint directory with and without Memory Caching; write ``OUT/results.json``.
+
+    The experiment file gives the data (``base.data``: corpus, tokenizer, the length ``L``), the seed
+    (``seeds``) and the task's ``eval`` settings; its ``base.model``, ``memory_caching`` and ``variants`` are
+    not read (the checkpoint is the model). The variants are :func:`checkpoint_variants`; ``only`` keeps some.
+    Every record has the rows of the task plus ``model_path``, ``memory_caching`` and ``params``.
+    """
+    from mcrnn.pretrained.loading import check_vocab, load_checkpoint_model
+    from mcrnn.pretrained.settings import MCSettings
+
+    if exp.task not in MODEL_TASKS:
+        raise ValueError(f"--model: the {exp.task} task trains its own models; --model works with "
+                         f"{', '.join(MODEL_TASKS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    variants = checkpoint_variants(model_path, mc)
+    if only:
+        missing = [v for v in only if v not in variants]
+        if missing:
+            raise ValueError(f"--only: unknown variant {missing[0]!r} (with --model {model_path}: "
+                             f"{', '.join(variants)})")
+        variants = {k: v for k, v in variants.items() if k in only}
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    records = []
+    for seed in exp.seeds:
+        raw = {k: v for k, v in exp.base.items() if k not in ("model", "memory_caching")}
+        raw = deep_merge(raw, {"train": {"seed": seed, "out_dir": str(out), "progress": False}})
+        cfg = validate(raw)
+        vocab = _data_vocab(cfg)
+        for variant, settings in variants.items():
+            t1 = time.perf_counter()
+            torch.manual_seed(seed)
+            model = load_checkpoint_model(model_path, MCSettings.from_dict(settings) if settings else None,
+                                          without_mc=settings is None, field="--model", mc_field="--mc")
+            check_vocab(model, vocab, "data.tokenizer", cfg.data.tokenizer if cfg.data.task == "text" else "byte",
+                        model_path)
+            model = model.to(device).eval()
+            rows = evaluate(model, cfg, exp.eval, variant)
+            rec = {"variant": variant, "seed": seed, "model_path": str(model_path), "memory_caching": settings,
+                   "params": sum(p.numel() for p in model.parameters()), "train_seq_len": cfg.data.seq_len,
+                   "wall_eval_s": time.perf_counter() - t1, "rows": rows}
+            records.append(rec)
+            print(f"[{exp.task}] {model_path} {variant} seed {seed}: evaluated in {rec['wall_eval_s']:.0f} s",
+                  flush=True)
+    result = {"task": exp.task, "description": exp.description, "command": command_line(),
+              "experiment": exp.path, "quick": exp.quick, "commit": git_commit(), "machine": machine(),
+              "model_path": str(model_path), "device": str(device), "threads": threads or torch.get_num_threads(),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": time.perf_counter() - t0,
+              "config": exp.raw, "runs": records}
+    write_json(out / RESULTS_NAME, result)
+    return result

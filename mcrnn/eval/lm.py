@@ -27,6 +27,10 @@ Rows (all losses are mean next-token NLL in nats, token-weighted over every wind
   RoPE as it is. Every multiplier is measured on the *same* tokens (the first ``W · M · L`` of the split,
   ``M`` the largest multiplier that fits, ``W <= max_windows``), so the rows differ only in the context the
   model gets, not in the text. Multipliers with no full window in the split are skipped.
+
+A transformers checkpoint (``mcrnn eval lm --model PATH``, :func:`mcrnn.eval.common.run_checkpoint`) gets the
+same rows, per variant ``no_mc`` / ``mc``, with ``L = data.seq_len`` of the experiment file
+(``configs/pretrained/lm.yaml`` by default).
 """
 
 from __future__ import annotations
@@ -299,5 +303,8 @@ def evaluate(model, cfg: Config, spec: dict, variant: str) -> list[dict]:
 
 
 def _post_training_mc_applies(model) -> bool:
+    # mcrnn's own models only; a transformers checkpoint (--model PATH) gets its no_mc / mc variants instead
+    if not isinstance(model, MCForCausalLM):
+        return False
     c = model.config
     return c.aggregation == "none" and "mc" in c.layer_mixers

@@ -1,8 +1,12 @@
 """The training config: three YAML sections (``model``, ``data``, ``train``), checked before anything runs.
 
 ``model`` holds :class:`mcrnn.models.MCConfig` keyword arguments; ``data`` and ``train`` are the
-dataclasses below. Every check raises ``ValueError`` naming the offending field (``train.lr`` …), so a bad
-config fails in milliseconds instead of after the first eval.
+dataclasses below. A run that starts from a pretrained transformers checkpoint (``train.init_from``) takes its
+architecture from there: its ``model`` section stays empty and an optional fourth section, ``memory_caching``,
+holds the Memory Caching settings to add (:class:`mcrnn.pretrained.MCSettings`; see docs/pretrained.md).
+
+Every check raises ``ValueError`` naming the offending field (``train.lr`` …), so a bad config fails in
+milliseconds instead of after the first eval.
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ class TrainConfig:
     dtype: str = _spec("auto", choices=("auto", "float32", "bfloat16"), doc="auto: bf16 on GPU")
     threads: int | None = _spec(None, lo=1, doc="torch.set_num_threads (None: leave as is)")
     progress: bool = _spec(True, doc="tqdm progress bar")
+    init_from: str | None = _spec(None, doc="a transformers checkpoint directory (save_pretrained) to start from")
+    freeze: str = _spec("none", choices=("none", "backbone"),
+                        doc="backbone: train only the Memory Caching parameters (u_proj) of an init_from model")
 
 
 @dataclass
@@ -80,10 +87,15 @@ class Config:
     model: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    #: the Memory Caching settings added to a `train.init_from` checkpoint (None: none added)
+    memory_caching: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": copy.deepcopy(self.model), "data": dataclasses.asdict(self.data),
-                "train": dataclasses.asdict(self.train)}
+        out = {"model": copy.deepcopy(self.model), "data": dataclasses.asdict(self.data),
+               "train": dataclasses.asdict(self.train)}
+        if self.memory_caching is not None:
+            out["memory_caching"] = copy.deepcopy(self.memory_caching)
+        return out
 
 
 # --- checking ----------------------------------------------------------------------------------------------
@@ -203,15 +215,61 @@ def validate(raw: dict) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ValueError(f"config: expected a mapping (model/data/train), got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"model", "data", "train"})
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"{unknown[0]}: unknown section (known: data, model, train)")
+        raise ValueError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(SECTIONS))})")
     data = _build_section(DataConfig, "data", raw.get("data"))
     train = _build_section(TrainConfig, "train", raw.get("train"))
-    model = _check_model(raw.get("model"))
-    cfg = Config(model=model, data=data, train=train)
+    if train.init_from is not None:
+        model, mc = _check_pretrained(raw.get("model"), raw.get("memory_caching"), train)
+    else:
+        if raw.get("memory_caching") is not None:
+            raise ValueError("memory_caching: only read with train.init_from (a pretrained transformers "
+                             "checkpoint); mcrnn's own models take their MC settings in the model section")
+        if train.freeze != "none":
+            raise ValueError(f"train.freeze: {train.freeze!r} needs train.init_from (a pretrained transformers "
+                             "checkpoint whose backbone stays frozen); use freeze: none for mcrnn's own models")
+        model, mc = _check_model(raw.get("model")), None
+    cfg = Config(model=model, data=data, train=train, memory_caching=mc)
     _check_cross(cfg)
     return cfg
+
+
+SECTIONS = ("model", "data", "train", "memory_caching")
+
+
+def _check_pretrained(model_raw, mc_raw, t: TrainConfig) -> tuple[dict, dict | None]:
+    """The (empty) model section and the checked ``memory_caching`` section of a ``train.init_from`` run."""
+    if model_raw:
+        if not isinstance(model_raw, dict):
+            raise ValueError(f"model: expected a mapping, got {type(model_raw).__name__}")
+        key = sorted(model_raw)[0]
+        raise ValueError(f"model.{key}: a train.init_from run takes its architecture from the checkpoint; leave "
+                         "the model section empty (Memory Caching settings go in the memory_caching section)")
+    if not t.init_from:
+        raise ValueError("train.init_from: expected a checkpoint directory, got an empty string")
+    from pathlib import Path
+
+    if not (Path(t.init_from) / "config.json").is_file():
+        raise ValueError(f"train.init_from: {t.init_from!r} is not a directory written by save_pretrained "
+                         "(no config.json)")
+    mc = None
+    if mc_raw is not None:
+        from mcrnn.pretrained.loading import settings_from
+
+        settings = settings_from(mc_raw, "memory_caching")
+        mc = settings.to_dict()
+        if t.freeze == "backbone" and not settings.has_u_proj:
+            raise ValueError(_nothing_to_train(settings.aggregation, settings.use_u))
+    return {}, mc
+
+
+def _nothing_to_train(aggregation: str, use_u: bool) -> str:
+    why = (f"aggregation {aggregation!r} has no parameters" if aggregation not in ("grm", "soup", "ssc")
+           else f"aggregation {aggregation!r} with use_u: false scores with u = q and adds no parameters")
+    return (f"train.freeze: 'backbone' leaves nothing to train: {why}, so there is nothing to post-train. "
+            "Evaluate it directly (mcrnn eval lm --model PATH --mc.aggregation=...), or choose a scored "
+            "aggregation (grm, soup, ssc) with use_u: true")
 
 
 def niah_variants(d: DataConfig) -> list[int]:
@@ -241,7 +299,7 @@ def _check_cross(cfg: Config) -> None:
         if t.batch_size % len(ns):
             raise ValueError(f"train.batch_size: {t.batch_size} is not a multiple of the {len(ns)} values of "
                              f"data.num_kv_pairs")
-        vs = cfg.model.get("vocab_size")
+        vs = cfg.model.get("vocab_size")  # a train.init_from model's vocabulary is checked once it is loaded
         if vs is not None and vs < d.vocab_size:
             raise ValueError(f"model.vocab_size: {vs} is smaller than data.vocab_size {d.vocab_size}")
     if d.task == "niah":

@@ -6,7 +6,9 @@ Python, ``train(load_config(path))``. What a run writes to ``train.out_dir``:
 - ``config.yaml``: the checked config, overrides applied;
 - ``metrics.jsonl``: one JSON object per line, ``{"step", "loss", "acc", "lr", "tokens_per_s", ...}`` for
   training and ``{"step", "eval_loss", "eval_acc"}`` for evals;
-- ``ckpt.pt``: the latest checkpoint (model, optimizer, scheduler, RNG states, step), written atomically.
+- ``ckpt.pt``: the latest checkpoint (model, optimizer, scheduler, RNG states, step), written atomically;
+- ``pretrained/`` (runs with ``train.init_from`` only, at the end of the schedule): the trained model written
+  with ``save_pretrained``, Memory Caching settings included; ``mcrnn.pretrained.from_pretrained`` loads it.
 
 Resuming (``--resume``) restores all of it and continues from the saved step; the data are a function of
 (seed, step) (:mod:`mcrnn.train.data`), so the resumed run computes bit-for-bit the losses of an
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 from mcrnn.data import IGNORE_INDEX
 from mcrnn.models import MCConfig, MCForCausalLM, causal_lm_loss
 
-from .config import Config
+from .config import Config, TrainConfig
 from .data import make_batches, shard
 
 try:  # numpy is optional: nothing of ours draws from it, but its generator state is checkpointed if present
@@ -41,6 +43,7 @@ except ImportError:  # pragma: no cover
 
 CKPT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
+PRETRAINED_DIR = "pretrained"
 
 
 # --- small pieces -----------------------------------------------------------------------------------------
@@ -65,6 +68,43 @@ def build_model(model_cfg: dict, vocab_size: int):
     except (TypeError, ValueError) as e:  # name the section, keep MCConfig's message
         raise ValueError(f"model: {e}") from e
     return MCForCausalLM(config)
+
+
+def build_pretrained(cfg: Config, vocab_size: int):
+    """The ``train.init_from`` checkpoint, with the ``memory_caching`` settings added and ``train.freeze``
+    applied (frozen parameters get ``requires_grad=False``, so :func:`make_optimizer` leaves them out).
+
+    A new ``u_proj`` draws from torch's global generator: the trainer seeds it first, so a run and its resume
+    build the same model. Raises a ValueError naming the field for a vocabulary too small for
+    ``data.tokenizer`` or a ``freeze: backbone`` that leaves nothing to train.
+    """
+    from mcrnn.pretrained import freeze_backbone, memory_caching_settings
+    from mcrnn.pretrained.loading import check_vocab, load_checkpoint_model
+    from mcrnn.pretrained.settings import MCSettings
+
+    from .config import _nothing_to_train
+
+    t = cfg.train
+    wanted = MCSettings.from_dict(cfg.memory_caching) if cfg.memory_caching is not None else None
+    model = load_checkpoint_model(t.init_from, wanted)
+    check_vocab(model, vocab_size, "data.tokenizer", cfg.data.tokenizer if cfg.data.task == "text" else "byte",
+                t.init_from)
+    if t.freeze == "backbone":
+        settings = memory_caching_settings(model)
+        if settings is None:
+            raise ValueError(f"train.freeze: 'backbone' trains only Memory Caching parameters, but {t.init_from} "
+                             "has no Memory Caching settings and the config adds none: add a memory_caching "
+                             "section (e.g. aggregation: grm, segment_size: 2048)")
+        if not freeze_backbone(model):
+            raise ValueError(_nothing_to_train(settings.aggregation, settings.use_u))
+    return model
+
+
+def build_run_model(cfg: Config, vocab_size: int):
+    """The model a run trains: an mcrnn model from the ``model`` section, or the ``train.init_from`` one."""
+    if cfg.train.init_from is not None:
+        return build_pretrained(cfg, vocab_size)
+    return build_model(cfg.model, vocab_size)
 
 
 def make_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
@@ -225,16 +265,22 @@ def train(cfg: Config, resume: bool | str | Path = False, stop_at: int | None = 
     ckpt_path = Path(resume) if isinstance(resume, (str, Path)) else out / CKPT_NAME
     ckpt = load_checkpoint(ckpt_path) if resume else None
     if ckpt is not None:
-        for sec in ("model", "data"):
-            if ckpt["config"][sec] != cfg.to_dict()[sec]:
+        have, want = ckpt["config"], cfg.to_dict()
+        for sec in ("model", "data", "memory_caching"):
+            if have.get(sec) != want.get(sec):
                 raise ValueError(f"{sec}: differs from the checkpoint's ({ckpt_path}); resume with the same "
                                  f"{sec} section")
+        for key in ("init_from", "freeze"):  # they decide which parameters exist and which the optimizer holds
+            if have["train"].get(key, getattr(TrainConfig, key)) != want["train"][key]:
+                raise ValueError(f"train.{key}: differs from the checkpoint's ({ckpt_path}); resume with the same "
+                                 f"train.{key}")
 
     random.seed(t.seed)
     torch.manual_seed(t.seed)
     batches = make_batches(d, t.seed)
-    model = build_model(cfg.model, batches.vocab_size).to(device)
+    model = build_run_model(cfg, batches.vocab_size).to(device)
     n_params = count_params(model)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = make_optimizer(model, t)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, t.warmup, t.steps, t.min_lr_ratio))
@@ -344,9 +390,12 @@ def train(cfg: Config, resume: bool | str | Path = False, stop_at: int | None = 
     bar.close()
     if step >= t.steps:
         res = run_eval()
+        if t.init_from is not None and master:
+            model.save_pretrained(out / PRETRAINED_DIR)
     if log is not None:
         log.close()
-    return {"step": step, "params": n_params, "train_seconds": train_seconds, **res}
+    return {"step": step, "params": n_params, "trainable_params": n_trainable, "train_seconds": train_seconds,
+            **res}
 
 
 def cleanup() -> None:
