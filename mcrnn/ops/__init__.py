@@ -24,7 +24,7 @@ from mcrnn.ops.titans import chunk_titans, naive_titans
 
 __all__ = [
     "chunk_linear", "naive_linear", "chunk_swla", "naive_swla", "chunk_dla", "naive_dla", "chunk_titans",
-    "naive_titans", "chunk_delta", "naive_delta", "chunk_gdn", "naive_gdn", "memory_caching", "naive_memory_caching", "memory_caching_step", "MCSpec", "MCState",
-    "MCOptions", "Memory", "Gate", "MEMORIES", "get_memory", "register_memory", "Aggregation", "AGGREGATIONS",
-    "INITS", "SEGMENTATIONS", "CACHE_SCORES",
+    "naive_titans", "chunk_delta", "naive_delta", "chunk_gdn", "naive_gdn", "memory_caching", "naive_memory_caching",
+    "memory_caching_step", "MCSpec", "MCState", "MCOptions", "Memory", "Gate", "MEMORIES", "get_memory",
+    "register_memory", "Aggregation", "AGGREGATIONS", "INITS", "SEGMENTATIONS", "CACHE_SCORES",
 ]
