@@ -16,7 +16,17 @@ from torch.utils.checkpoint import checkpoint
 from mcrnn.ops.mc.aggregations import scores
 from mcrnn.ops.mc.plan import Plan, make_plan
 from mcrnn.ops.mc.spec import MCSpec
-from mcrnn.ops.mc.state import MCOptions, MCState, prepare_call
+from mcrnn.ops.mc.state import (
+    MCOptions,
+    MCState,
+    check_cu_seqlens,
+    packed_boundaries,
+    packed_initial_states,
+    prepare_call,
+    stack_states,
+    state_layout,
+    state_rows,
+)
 from mcrnn.ops.mc.step import memory_caching_step
 from mcrnn.ops.memory import State
 from mcrnn.ops.utils import to_heads_first
@@ -47,7 +57,8 @@ def memory_caching(
     output_final_state: bool = False,
     summary_keys: torch.Tensor | None = None,
     spec: MCSpec | None = None,
-) -> tuple[torch.Tensor, MCState | None]:
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, MCState | list[MCState] | None]:
     """Memory Caching over a recurrent memory (SPEC §2), chunk-parallel.
 
     Args:
@@ -73,9 +84,20 @@ def memory_caching(
             their sums, so a continuing call must pass summary keys of the same dim.
         spec: an :class:`MCSpec` holding the settings (memory, aggregation, segment_size, segmentation, init,
             top_k, mini_batch), validated once, instead of passing them one by one.
+        cu_seqlens: packed sequences (fla's convention): `B == 1` and a 1-D int tensor `[0, e_1, ..., T]`;
+            sequence i is tokens `[e_i, e_{i+1})` and is computed exactly as if it ran alone (SPEC §2.1).
+            `initial_state` is then None, a list of n MCStates (one per sequence) or one MCState of batch n;
+            `boundaries` (segmentation="boundaries") a list of n lists, each relative to its sequence's start.
     Returns:
-        `o: [B, T, H, V]` in q's dtype and, if `output_final_state`, the :class:`MCState` after the last token.
+        `o: [B, T, H, V]` in q's dtype and, if `output_final_state`, the :class:`MCState` after the last token
+        (packed: a list of n MCStates of batch 1, one per sequence; `stack_states` makes one batch-n state of
+        those that share a layout, e.g. sequences of equal length).
     """
+    if cu_seqlens is not None:
+        return _packed(q, k, v, u, gates, summary_keys, initial_state, boundaries, output_final_state, cu_seqlens,
+                       dict(memory=memory, params=params, segment_size=segment_size, segmentation=segmentation,
+                            init=init, aggregation=aggregation, top_k=top_k, scale=scale, score_scale=score_scale,
+                            mini_batch=mini_batch, spec=spec))
     opts, gates, state, dt = prepare_call(
         q, k, v, u, gates, initial_state, boundaries, summary_keys, spec=spec, memory=memory,
         aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k,
@@ -360,3 +382,38 @@ def _final_state(opts, plan, state, finals, pool_states, pool_key_sum, seg_sums)
         levels=levels,
         options=opts.signature(),
     )
+
+
+def _packed(q, k, v, u, gates, summary_keys, initial_state, boundaries, output_final_state, cu_seqlens, settings):
+    """Packed sequences: those of equal length, boundaries and state layout run together as one unpacked batch
+    (rows of a batch never interact, so each sequence's result is exactly its result alone)."""
+    ends = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+    n = len(ends) - 1
+    states, bounds = packed_initial_states(initial_state, n), packed_boundaries(boundaries, n)
+    groups: dict[tuple, list[int]] = {}
+    for i, (s, e) in enumerate(zip(ends, ends[1:])):
+        b = bounds[i]
+        b = tuple(int(x) for x in (b.tolist() if hasattr(b, "tolist") else b)) if b is not None else None
+        layout = state_layout(states[i]) if states[i] is not None else None
+        groups.setdefault((e - s, b, layout), []).append(i)
+    out: list = [None] * n
+    finals: list = [None] * n
+    for (_, b, _), members in groups.items():
+        # [1, T, ...] -> [len(members), L, ...]: one row per member sequence
+        rows = lambda x, members=members: (  # noqa: E731
+            torch.cat([x[:, ends[i]:ends[i + 1]] for i in members], dim=0)
+            if x is not None else None)
+        init = [states[i] for i in members]
+        o, st = memory_caching(
+            rows(q), rows(k), rows(v), rows(u),
+            gates={name: rows(g) for name, g in gates.items()} if isinstance(gates, dict) else gates,
+            summary_keys=rows(summary_keys), boundaries=list(b) if b is not None else None,
+            initial_state=stack_states(init) if init[0] is not None else None,
+            output_final_state=output_final_state, **settings,
+        )
+        for j, i in enumerate(members):
+            out[i] = o[j:j + 1]
+        if output_final_state:
+            for i, row in zip(members, state_rows(st)):
+                finals[i] = row
+    return torch.cat(out, dim=1), (finals if output_final_state else None)

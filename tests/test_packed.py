@@ -1,0 +1,170 @@
+"""Packed sequences (`cu_seqlens`, SPEC §2.1): a packed call equals running every sequence alone, exactly
+(outputs, final states, gradients), for the op, its reference, the layer and the model; bad `cu_seqlens`."""
+
+import pytest
+import torch
+from helpers import assert_close, grads, make_inputs
+from test_memory_caching import GATES, TOL, _compare_states, _deep_inputs
+
+from mcrnn.ops import AGGREGATIONS, memory_caching, naive_memory_caching
+from mcrnn.ops.mc.state import stack_states
+
+LENGTHS = (1, 37, 64, 129)
+
+
+def _cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _pack(x):  # [n, ...] rows of separate sequences -> one packed row
+    return None if x is None else x.reshape(1, -1, *x.shape[2:])
+
+
+def _packed_inputs(lengths, memory, K=4, V=5, H=2, seed=0):
+    """One packed row `[1, sum(lengths), H, *]` (leaves) and its per-sequence slices."""
+    q, k, v, u, gates = make_inputs(1, sum(lengths), H, K, V, GATES[memory], seed=seed)
+    return q, k, v, u, gates
+
+
+def _check_packed(fn, lengths, memory, aggregation, init, segmentation, C, ref=None, params=None, inputs=None,
+                  tol=TOL):
+    """`fn` packed vs `ref` (default `fn`) on each sequence alone: outputs, final states, all gradients."""
+    ref = ref or fn
+    q, k, v, u, gates = inputs if inputs is not None else _packed_inputs(lengths, memory)
+    cu = _cu(lengths)
+    kw = dict(memory=memory, segment_size=C, segmentation=segmentation, init=init, aggregation=aggregation,
+              top_k=2, output_final_state=True, params=params)
+    if segmentation == "boundaries":
+        kw["boundaries"] = [[b for b in (3, 10, L) if b <= L] for L in lengths]
+    o, states = fn(q, k, v, u, gates=gates, cu_seqlens=cu, **kw)
+    assert isinstance(states, list) and len(states) == len(lengths)
+    w = torch.randn_like(o)
+    leaves = [q, k, v, u, *gates.values(), *(params or {}).values()]
+    g_packed = grads(o, leaves, w)
+    outs, g_sep = [], [torch.zeros_like(x) for x in leaves]
+    for i, (s, e) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        cut = lambda x, s=s, e=e: x[:, s:e]  # noqa: E731
+        kw_i = dict(kw, boundaries=kw["boundaries"][i]) if "boundaries" in kw else kw
+        o_i, s_i = ref(cut(q), cut(k), cut(v), cut(u), gates={n: cut(g) for n, g in gates.items()}, **kw_i)
+        outs.append(o_i)
+        _compare_states(s_i, states[i], tol)
+        for acc, g in zip(g_sep, grads(o_i, leaves, w[:, s:e])):
+            acc += g
+    assert_close(o, torch.cat(outs, dim=1), tol, "output")
+    for a, b, name in zip(g_packed, g_sep, ["q", "k", "v", "u", *gates, *(params or {})]):
+        assert_close(a, b, tol, f"d{name}")
+    return states
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("init", ["checkpoint", "independent"])
+@pytest.mark.parametrize("segmentation, C", [("constant", 16), ("logarithmic", 8)])
+@pytest.mark.parametrize("memory", ["linear", "swla"])
+def test_packed_equals_separate(memory, aggregation, init, segmentation, C):
+    _check_packed(memory_caching, LENGTHS, memory, aggregation, init, segmentation, C)
+
+
+@pytest.mark.parametrize("aggregation", ["grm", "ssc", "soup"])
+@pytest.mark.parametrize("init", ["checkpoint", "independent"])
+def test_packed_deep_memory(aggregation, init):
+    lengths = (1, 9, 16)
+    q, k, v, u, gates, params = _deep_inputs("dla", sum(lengths))
+    q, k, v, u = (x[:1].detach().requires_grad_() for x in (q, k, v, u))
+    gates = {n: x[:1].detach().requires_grad_() for n, x in gates.items()}
+    _check_packed(memory_caching, lengths, "dla", aggregation, init, "constant", 4, params=params,
+                  inputs=(q, k, v, u, gates))
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("init", ["checkpoint", "independent"])
+@pytest.mark.parametrize("segmentation, C", [("constant", 8), ("logarithmic", 4), ("boundaries", 1)])
+def test_packed_reference_equals_separate_parallel(aggregation, init, segmentation, C):
+    """The packed reference (a literal loop) against the parallel path run on each sequence alone."""
+    lengths = (1, 13, 30)
+    _check_packed(naive_memory_caching, lengths, "swla", aggregation, init, segmentation, C,
+                  ref=memory_caching)
+
+
+def test_packed_per_sequence_boundaries():
+    _check_packed(memory_caching, LENGTHS, "linear", "grm", "checkpoint", "boundaries", 1)
+
+
+@pytest.mark.parametrize("segmentation, C", [("constant", 8), ("logarithmic", 4)])
+def test_packed_calls_continue_each_sequence(segmentation, C):
+    """Two packed calls (the second from the first's per-sequence states) equal one call per sequence; a
+    batch-n state of equal-length sequences continues them packed or unpacked."""
+    first, second = (5, 20, 3), (11, 2, 17)
+    q, k, v, u, gates = make_inputs(1, sum(first) + sum(second), 2, 4, 5, GATES["swla"])
+    kw = dict(memory="swla", segment_size=C, segmentation=segmentation, aggregation="grm",
+              output_final_state=True)
+    n1 = sum(first)
+    cut = lambda x, a, b: x[:, a:b]  # noqa: E731
+    o1, s1 = memory_caching(cut(q, 0, n1), cut(k, 0, n1), cut(v, 0, n1), cut(u, 0, n1),
+                            gates={n: cut(g, 0, n1) for n, g in gates.items()}, cu_seqlens=_cu(first), **kw)
+    T = q.shape[1]
+    o2, s2 = memory_caching(cut(q, n1, T), cut(k, n1, T), cut(v, n1, T), cut(u, n1, T),
+                            gates={n: cut(g, n1, T) for n, g in gates.items()}, cu_seqlens=_cu(second),
+                            initial_state=s1, **kw)
+    c1, c2 = _cu(first).tolist(), _cu(second).tolist()
+    for i in range(3):
+        # sequence i alone: its first part then its second part, one call
+        idx = list(range(c1[i], c1[i + 1])) + [n1 + t for t in range(c2[i], c2[i + 1])]
+        sel = lambda x, idx=idx: x[:, idx]  # noqa: E731
+        o, s = memory_caching(sel(q), sel(k), sel(v), sel(u), gates={n: sel(g) for n, g in gates.items()}, **kw)
+        L1 = first[i]
+        assert_close(o1[:, c1[i]:c1[i + 1]], o[:, :L1], TOL, "first call")
+        assert_close(o2[:, c2[i]:c2[i + 1]], o[:, L1:], TOL, "second call")
+        _compare_states(s, s2[i])
+    # equal lengths: the per-sequence states stack into one batch-n state that an unpacked call continues
+    q, k, v, u, gates = make_inputs(1, 40, 2, 4, 5, GATES["swla"], seed=3)
+    _, st = memory_caching(q[:, :20], k[:, :20], v[:, :20], u[:, :20],
+                           gates={n: g[:, :20] for n, g in gates.items()}, cu_seqlens=_cu((10, 10)), **kw)
+    rows = lambda x: x[:, 20:].reshape(2, 10, *x.shape[2:])  # noqa: E731
+    o_b, st_b = memory_caching(rows(q), rows(k), rows(v), rows(u), gates={n: rows(g) for n, g in gates.items()},
+                               initial_state=stack_states(st), **kw)
+    o_p, st_p = memory_caching(q[:, 20:], k[:, 20:], v[:, 20:], u[:, 20:],
+                               gates={n: g[:, 20:] for n, g in gates.items()}, cu_seqlens=_cu((10, 10)),
+                               initial_state=stack_states(st), **kw)
+    assert_close(o_p, _pack(o_b), TOL, "batch-n state continued packed")
+    _compare_states(stack_states(st_p), st_b)
+
+
+def test_states_of_different_layouts_do_not_stack():
+    q, k, v, u, _ = make_inputs(1, 20, 2, 4, 5)
+    _, st = memory_caching(q, k, v, u, cu_seqlens=_cu((7, 13)), segment_size=4, output_final_state=True)
+    with pytest.raises(ValueError, match="cannot be stacked"):
+        stack_states(st)
+
+
+BAD = [
+    (torch.tensor([0.0, 10.0]), "cu_seqlens"),
+    (torch.tensor([[0, 10]]), "cu_seqlens"),
+    (torch.tensor([0, 6, 4, 10]), "strictly increasing"),
+    (torch.tensor([0, 4, 4, 10]), "strictly increasing"),
+    (torch.tensor([1, 4, 10]), "start at 0"),
+    (torch.tensor([0, 4, 9]), "end at T"),
+    ("0,10", "cu_seqlens"),
+]
+
+
+@pytest.mark.parametrize("fn", [memory_caching, naive_memory_caching])
+@pytest.mark.parametrize("cu, match", BAD)
+def test_bad_cu_seqlens(fn, cu, match):
+    q, k, v, u, _ = make_inputs(1, 10, 2, 4, 5, grad=False)
+    with pytest.raises(ValueError, match=match) as e:
+        fn(q, k, v, u, cu_seqlens=cu)
+    assert "cu_seqlens" in str(e.value)
+
+
+@pytest.mark.parametrize("fn", [memory_caching, naive_memory_caching])
+def test_cu_seqlens_needs_one_row(fn):
+    q, k, v, u, _ = make_inputs(2, 10, 2, 4, 5, grad=False)
+    with pytest.raises(ValueError, match="B == 1"):
+        fn(q, k, v, u, cu_seqlens=torch.tensor([0, 4, 10]))
+
+
+def test_packed_initial_state_needs_one_row_per_sequence():
+    q, k, v, u, _ = make_inputs(1, 10, 2, 4, 5, grad=False)
+    _, st = memory_caching(q, k, v, u, output_final_state=True)
+    with pytest.raises(ValueError, match="one row per sequence"):
+        memory_caching(q, k, v, u, cu_seqlens=torch.tensor([0, 4, 10]), initial_state=st)
