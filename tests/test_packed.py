@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from helpers import assert_close, grads, make_inputs
+from helpers import assert_close, grads, make_inputs, rel_err
 from test_memory_caching import GATES, TOL, _compare_states, _deep_inputs
 
 from mcrnn.ops import AGGREGATIONS, memory_caching, naive_memory_caching
@@ -168,3 +168,109 @@ def test_packed_initial_state_needs_one_row_per_sequence():
     _, st = memory_caching(q, k, v, u, output_final_state=True)
     with pytest.raises(ValueError, match="one row per sequence"):
         memory_caching(q, k, v, u, cu_seqlens=torch.tensor([0, 4, 10]), initial_state=st)
+
+
+# ---- the layer and the model ---------------------------------------------------------------------------------
+
+
+#: the layers compute their gates and RMSNorms in float32 (by design) even for float64 inputs: a float64 product
+#: over one call or over one sequence can round a gate to the neighbouring float32, and the gradients of those
+#: parameters are float32 sums over tokens; reading another sequence would be an O(1) error
+LAYER_TOL = 1e-6
+
+
+@pytest.mark.parametrize("memory, aggregation, cache_scores", [
+    ("linear", "grm", "context"), ("swla", "ssc", "context"), ("linear", "mean", "context"),
+    ("linear", "grm", "input"), ("dla", "soup", "context"),
+])
+def test_layer_packed_equals_separate(memory, aggregation, cache_scores):
+    from mcrnn.layers import MemoryCachingAttention
+
+    torch.manual_seed(0)
+    layer = MemoryCachingAttention(16, 2, memory=memory, aggregation=aggregation, top_k=1, segment_size=4,
+                                   mini_batch=2, cache_scores=cache_scores).double()
+    with torch.no_grad():  # non-trivial gates, convolution and output norm so that the check can fail
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    lengths = (1, 6, 13, 8)
+    x = torch.randn(1, sum(lengths), 16, dtype=torch.float64, requires_grad=True)
+    cu = _cu(lengths)
+    o, _, _ = layer(x, cu_seqlens=cu)
+    w = torch.randn_like(o)
+    params = [x, *layer.parameters()]
+    g_packed = grads(o, params, w)
+    outs, g_sep = [], [torch.zeros_like(p) for p in params]
+    for s, e in zip(cu.tolist(), cu.tolist()[1:]):
+        o_i, _, _ = layer(x[:, s:e])
+        outs.append(o_i)
+        for acc, g in zip(g_sep, grads(o_i, params, w[:, s:e])):
+            acc += g
+    assert_close(o, torch.cat(outs, dim=1), LAYER_TOL, "layer output")
+    assert rel_err(layer(x)[0], o) > 1e-3  # unpacked, the sequences read each other
+    names = ["x", *(n for n, _ in layer.named_parameters())]
+    for name, a, b in zip(names, g_packed, g_sep):
+        assert_close(a, b, LAYER_TOL, f"d{name}")
+
+
+def test_layer_packed_rejects_cache_and_padding():
+    from mcrnn.layers import MCCache, MemoryCachingAttention
+    from mcrnn.models import MCConfig
+
+    layer = MemoryCachingAttention(16, 2, segment_size=4, layer_idx=0)
+    x = torch.randn(1, 10, 16)
+    cu = torch.tensor([0, 4, 10])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(x, past_key_values=MCCache(MCConfig(hidden_size=16, num_heads=2, num_hidden_layers=1)), use_cache=True,
+              cu_seqlens=cu)
+    mask = torch.ones(1, 10, dtype=torch.long)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(x, attention_mask=mask, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(torch.randn(2, 5, 16), cu_seqlens=torch.tensor([0, 2, 5]))
+
+
+def _tiny_model(**kw):
+    from mcrnn import MCConfig, MCForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MCConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_heads=2, segment_size=4, mini_batch=2,
+                   **kw)
+    return MCForCausalLM(cfg).double().eval()
+
+
+@pytest.mark.parametrize("how", ["cu_seqlens", "position_ids"])
+def test_model_packed_equals_separate(how):
+    model = _tiny_model(aggregation="grm")
+    lengths = (3, 9, 1, 12)
+    ids = torch.randint(0, 50, (1, sum(lengths)), generator=torch.Generator().manual_seed(1))
+    cu = _cu(lengths)
+    packed_kw = {"cu_seqlens": cu} if how == "cu_seqlens" else {
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
+    out = model(ids, labels=ids, **packed_kw)
+    separate = [model(ids[:, s:e]).logits for s, e in zip(cu.tolist(), cu.tolist()[1:])]
+    assert_close(out.logits, torch.cat(separate, dim=1), LAYER_TOL, "logits")
+    assert rel_err(model(ids).logits, out.logits) > 1e-3  # unpacked, the sequences read each other
+    # the loss scores each sequence's own next tokens only: the sum of the separate sums over all targets
+    sums = [model(ids[:, s:e], labels=ids[:, s:e]).loss * (e - s - 1)
+            for s, e in zip(cu.tolist(), cu.tolist()[1:]) if e - s > 1]
+    n_targets = sum(n - 1 for n in lengths)
+    assert_close(out.loss, sum(sums) / n_targets, LAYER_TOL, "loss")
+    # the gradient of a packed batch is the sum of the separate ones
+    model.zero_grad()
+    out.loss.backward()
+    g_packed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (sum(sums) / n_targets).backward()
+    for a, (name, p) in zip(g_packed, model.named_parameters()):
+        assert_close(a, p.grad, LAYER_TOL, f"d{name}")
+
+
+def test_model_packed_rejects_hybrids_and_cache():
+    ids = torch.randint(0, 50, (1, 10))
+    cu = torch.tensor([0, 4, 10])
+    hybrid = _tiny_model(mixer=["mc", "attention"])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        hybrid(ids, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        _tiny_model()(ids, cu_seqlens=cu, use_cache=True)
