@@ -274,3 +274,28 @@ def test_model_packed_rejects_hybrids_and_cache():
         hybrid(ids, cu_seqlens=cu)
     with pytest.raises(ValueError, match="cu_seqlens"):
         _tiny_model()(ids, cu_seqlens=cu, use_cache=True)
+
+
+# ---- the data pipeline ---------------------------------------------------------------------------------------
+
+
+def test_text_windows_carry_document_starts():
+    from mcrnn.data import ByteTokenizer, TextDataset
+    from mcrnn.data.packing import packed_rows
+
+    tok = ByteTokenizer()
+    plain = TextDataset("valid", tok, seq_len=64, source="sample")
+    ds = TextDataset("valid", tok, seq_len=64, source="sample", separate_documents=True)
+    assert plain.starts is None and torch.equal(plain.inputs, ds.inputs)  # the default is unchanged
+    eos = ds.inputs == tok.eos_id
+    assert eos.any(), "the sample split should hold several documents"
+    assert torch.equal(ds.labels[eos], torch.full_like(ds.labels[eos], -100))
+    assert torch.equal(ds.labels[~eos], plain.labels[~eos])
+    assert ds.starts[:, 0].all() and torch.equal(ds.starts[:, 1:], eos[:, :-1])
+    x, y, cu = packed_rows(ds.inputs[:3], ds.labels[:3], ds.starts[:3])
+    assert x.shape == (1, 192) and cu[0] == 0 and cu[-1] == 192 and cu.dtype == torch.int32
+    assert set(range(0, 192, 64)) <= set(cu.tolist())
+    for s in cu[1:-1].tolist():  # every sequence but a window's first starts right after an eos
+        assert s % 64 == 0 or x[0, s - 1] == tok.eos_id
+    with pytest.raises(ValueError, match="starts"):
+        packed_rows(ds.inputs[:2], ds.labels[:2], torch.zeros_like(ds.starts[:2]))
