@@ -36,8 +36,11 @@ def _check_packed(fn, lengths, memory, aggregation, init, segmentation, C, ref=N
               top_k=2, output_final_state=True, params=params)
     if segmentation == "boundaries":
         kw["boundaries"] = [[b for b in (3, 10, L) if b <= L] for L in lengths]
-    o, states = fn(q, k, v, u, gates=gates, cu_seqlens=cu, **kw)
-    assert isinstance(states, list) and len(states) == len(lengths)
+    # without final states the op runs the packed row in one call (the packed plan); with them, the sequences
+    # as rows of unpacked batches: both are checked
+    o, none = fn(q, k, v, u, gates=gates, cu_seqlens=cu, **dict(kw, output_final_state=False))
+    o_with_states, states = fn(q, k, v, u, gates=gates, cu_seqlens=cu, **kw)
+    assert none is None and isinstance(states, list) and len(states) == len(lengths)
     w = torch.randn_like(o)
     leaves = [q, k, v, u, *gates.values(), *(params or {}).values()]
     g_packed = grads(o, leaves, w)
@@ -51,6 +54,7 @@ def _check_packed(fn, lengths, memory, aggregation, init, segmentation, C, ref=N
         for acc, g in zip(g_sep, grads(o_i, leaves, w[:, s:e])):
             acc += g
     assert_close(o, torch.cat(outs, dim=1), tol, "output")
+    assert_close(o_with_states, torch.cat(outs, dim=1), tol, "output (with final states)")
     for a, b, name in zip(g_packed, g_sep, ["q", "k", "v", "u", *gates, *(params or {})]):
         assert_close(a, b, tol, f"d{name}")
     return states

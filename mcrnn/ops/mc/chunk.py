@@ -14,7 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mcrnn.ops.mc.aggregations import scores
-from mcrnn.ops.mc.plan import Plan, make_plan
+from mcrnn.ops.mc.plan import Plan, make_packed_plan, make_plan
 from mcrnn.ops.mc.spec import MCSpec
 from mcrnn.ops.mc.state import (
     MCOptions,
@@ -93,24 +93,33 @@ def memory_caching(
         (packed: a list of n MCStates of batch 1, one per sequence; `stack_states` makes one batch-n state of
         those that share a layout, e.g. sequences of equal length).
     """
+    packed = None
     if cu_seqlens is not None:
-        return _packed(q, k, v, u, gates, summary_keys, initial_state, boundaries, output_final_state, cu_seqlens,
-                       dict(memory=memory, params=params, segment_size=segment_size, segmentation=segmentation,
-                            init=init, aggregation=aggregation, top_k=top_k, scale=scale, score_scale=score_scale,
-                            mini_batch=mini_batch, spec=spec))
+        packed = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+        if initial_state is not None or output_final_state:
+            # per-sequence states: the sequences run as rows of unpacked batches
+            return _packed(q, k, v, u, gates, summary_keys, initial_state, boundaries, output_final_state, packed,
+                           dict(memory=memory, params=params, segment_size=segment_size, segmentation=segmentation,
+                                init=init, aggregation=aggregation, top_k=top_k, scale=scale,
+                                score_scale=score_scale, mini_batch=mini_batch, spec=spec))
+        boundaries = packed_boundaries(boundaries, len(packed) - 1)
+        if boundaries[0] is None:
+            boundaries = None
     opts, gates, state, dt = prepare_call(
         q, k, v, u, gates, initial_state, boundaries, summary_keys, spec=spec, memory=memory,
         aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k,
         scale=scale, score_scale=score_scale, params=params, mini_batch=mini_batch,
     )
     T = q.shape[1]
-    plan = make_plan(T, opts, state, boundaries)
+    # packed (training, scoring): one call over the row; segments, memory runs and caches restart at every
+    # sequence start (`make_packed_plan`)
+    plan = make_plan(T, opts, state, boundaries) if packed is None else make_packed_plan(opts, packed, boundaries)
     qh, kh, vh = (to_heads_first(x, dt) for x in (q, k, v))
     uh = to_heads_first(u, dt) if u is not None else qh
     # the vectors whose segment means are the summaries p_i: [B, H, T, Ks]
     sh = to_heads_first(summary_keys, dt) if summary_keys is not None else kh
     gh = {n: to_heads_first(g, dt) for n, g in gates.items()}
-    if T == 1:  # decoding: the one-token step is exact and skips the parallel machinery (~5x faster)
+    if T == 1 and packed is None:  # decoding: the one-token step is exact and skips the parallel machinery (~5x faster)
         o, state = memory_caching_step(
             state, qh[:, :, 0], kh[:, :, 0], vh[:, :, 0], uh[:, :, 0], gates={n: g[:, :, 0] for n, g in gh.items()},
             opts=opts, end_of_segment=plan.completes[0], summary_keys=sh[:, :, 0],
@@ -384,10 +393,10 @@ def _final_state(opts, plan, state, finals, pool_states, pool_key_sum, seg_sums)
     )
 
 
-def _packed(q, k, v, u, gates, summary_keys, initial_state, boundaries, output_final_state, cu_seqlens, settings):
-    """Packed sequences: those of equal length, boundaries and state layout run together as one unpacked batch
-    (rows of a batch never interact, so each sequence's result is exactly its result alone)."""
-    ends = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+def _packed(q, k, v, u, gates, summary_keys, initial_state, boundaries, output_final_state, ends, settings):
+    """Packed sequences with per-sequence states (`ends`: the checked `cu_seqlens`): those of equal length,
+    boundaries and state layout run together as one unpacked batch (rows of a batch never interact, so each
+    sequence's result is exactly its result alone)."""
     n = len(ends) - 1
     states, bounds = packed_initial_states(initial_state, n), packed_boundaries(boundaries, n)
     groups: dict[tuple, list[int]] = {}
