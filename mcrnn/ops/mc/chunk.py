@@ -96,8 +96,10 @@ def memory_caching(
     packed = None
     if cu_seqlens is not None:
         packed = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
-        if initial_state is not None or output_final_state:
-            # per-sequence states: the sequences run as rows of unpacked batches
+        lengths = {b - a for a, b in zip(packed, packed[1:])}
+        if initial_state is not None or output_final_state or (len(lengths) == 1 and boundaries is None):
+            # per-sequence states, or sequences of one length (then this is the unpacked batch call itself): the
+            # sequences run as rows of unpacked batches
             return _packed(q, k, v, u, gates, summary_keys, initial_state, boundaries, output_final_state, packed,
                            dict(memory=memory, params=params, segment_size=segment_size, segmentation=segmentation,
                                 init=init, aggregation=aggregation, top_k=top_k, scale=scale,
