@@ -3,7 +3,7 @@
     python benchmarks/packed.py                 # T = 4096 tokens, H = 4, K = V = 64, segment_size 256
     python benchmarks/packed.py --T 8192 --runs 5
 
-Rows per aggregation (median of `--runs`):
+Rows per aggregation (fastest of `--runs` interleaved rounds, the least disturbed on a shared machine):
   unpacked [n, L]      n equal sequences as a batch
   packed equal         the same sequences packed into [1, n·L] with `cu_seqlens`
   one sequence [1, T]  the same tokens as one sequence (no `cu_seqlens`)
@@ -14,7 +14,6 @@ The packed ratios are against the unpacked batch (equal) and against one sequenc
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -22,14 +21,18 @@ import torch
 from mcrnn.ops import memory_caching
 
 
-def _time(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
+def _times(fns, runs: int) -> list[float]:
+    """Fastest of `runs` for each function, run in interleaved rounds so that the load of a shared machine falls
+    on all of them alike (the fastest run is the least disturbed one)."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    best = [float("inf")] * len(fns)
+    for _ in range(runs):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
 
 
 def _case(shape, agg, H, K, cu=None):
@@ -62,10 +65,9 @@ def main():
     print(f"T={T} H={H} K=V={K} threads={args.threads}; equal: {n} x {L}; ragged: {len(ragged) - 1} documents")
     print(f"{'aggregation':<12}{'unpacked':>10}{'packed eq':>11}{'ratio':>7}{'one seq':>10}{'ragged':>9}{'ratio':>7}")
     for agg in ("none", "grm", "ssc", "mean"):
-        t_unp = _time(_case((n, L), agg, H, K), args.runs)
-        t_peq = _time(_case((1, T), agg, H, K, equal), args.runs)
-        t_one = _time(_case((1, T), agg, H, K), args.runs)
-        t_rag = _time(_case((1, T), agg, H, K, ragged), args.runs)
+        t_unp, t_peq, t_one, t_rag = _times([
+            _case((n, L), agg, H, K), _case((1, T), agg, H, K, equal), _case((1, T), agg, H, K),
+            _case((1, T), agg, H, K, ragged)], args.runs)
         print(f"{agg:<12}{t_unp * 1e3:>9.0f}m{t_peq * 1e3:>10.0f}m{t_peq / t_unp:>7.2f}"
               f"{t_one * 1e3:>9.0f}m{t_rag * 1e3:>8.0f}m{t_rag / t_one:>7.2f}")
 

@@ -396,24 +396,37 @@ def _final_state(opts, plan, state, finals, pool_states, pool_key_sum, seg_sums)
 
 
 def _packed(q, k, v, u, gates, summary_keys, initial_state, boundaries, output_final_state, ends, settings):
-    """Packed sequences with per-sequence states (`ends`: the checked `cu_seqlens`): those of equal length,
-    boundaries and state layout run together as one unpacked batch (rows of a batch never interact, so each
-    sequence's result is exactly its result alone)."""
+    """Packed sequences with per-sequence states, or all of one length (`ends`: the checked `cu_seqlens`): those
+    of equal length, boundaries and state layout run together as one unpacked batch (rows of a batch never
+    interact, so each sequence's result is exactly its result alone)."""
     n = len(ends) - 1
     states, bounds = packed_initial_states(initial_state, n), packed_boundaries(boundaries, n)
     groups: dict[tuple, list[int]] = {}
     for i, (s, e) in enumerate(zip(ends, ends[1:])):
         b = bounds[i]
-        b = tuple(int(x) for x in (b.tolist() if hasattr(b, "tolist") else b)) if b is not None else None
+        try:
+            b = tuple(int(x) for x in (b.tolist() if hasattr(b, "tolist") else b)) if b is not None else None
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"`boundaries` of sequence {i} must be a list of ints, got {b!r}") from err
         layout = state_layout(states[i]) if states[i] is not None else None
         groups.setdefault((e - s, b, layout), []).append(i)
-    out: list = [None] * n
+    T, device = q.shape[1], q.device
+    outs, order = [], []
     finals: list = [None] * n
-    for (_, b, _), members in groups.items():
-        # [1, T, ...] -> [len(members), L, ...]: one row per member sequence
-        rows = lambda x, members=members: (  # noqa: E731
-            torch.cat([x[:, ends[i]:ends[i + 1]] for i in members], dim=0)
-            if x is not None else None)
+    for (L, b, _), members in groups.items():
+        if len(groups) == 1:  # every sequence in one group, in order: the rows are a view of the packed row
+            index = None
+        else:  # one gather per group (its backward is one index_add, not a zero-filled gradient per slice)
+            index = torch.cat([torch.arange(ends[i], ends[i + 1], device=device) for i in members])
+            order.append(index)
+
+        g = len(members)
+
+        def rows(x, index=index, g=g, L=L):  # [1, T, ...] -> [g, L, ...]: one row per member
+            if x is None:
+                return None
+            return (x if index is None else x.index_select(1, index)).reshape(g, L, *x.shape[2:])
+
         init = [states[i] for i in members]
         o, st = memory_caching(
             rows(q), rows(k), rows(v), rows(u),
@@ -422,9 +435,13 @@ def _packed(q, k, v, u, gates, summary_keys, initial_state, boundaries, output_f
             initial_state=stack_states(init) if init[0] is not None else None,
             output_final_state=output_final_state, **settings,
         )
-        for j, i in enumerate(members):
-            out[i] = o[j:j + 1]
+        outs.append(o.reshape(1, -1, *o.shape[2:]))
         if output_final_state:
             for i, row in zip(members, state_rows(st)):
                 finals[i] = row
-    return torch.cat(out, dim=1), (finals if output_final_state else None)
+    if len(groups) == 1:
+        return outs[0], (finals if output_final_state else None)
+    # back to packed order: the token at packed position order[j] is row j of the concatenated outputs
+    inverse = torch.empty(T, dtype=torch.long, device=device)
+    inverse[torch.cat(order)] = torch.arange(T, device=device)
+    return torch.cat(outs, dim=1).index_select(1, inverse), (finals if output_final_state else None)
