@@ -167,6 +167,14 @@ def test_cu_seqlens_needs_one_row(fn):
         fn(q, k, v, u, cu_seqlens=torch.tensor([0, 4, 10]))
 
 
+@pytest.mark.parametrize("fn", [memory_caching, naive_memory_caching])
+@pytest.mark.parametrize("boundaries", [[3, 8], [[3]], [[3], [2], [1]], [[3], ["a"]]])
+def test_packed_boundaries_are_one_list_per_sequence(fn, boundaries):
+    q, k, v, u, _ = make_inputs(1, 10, 2, 4, 5, grad=False)
+    with pytest.raises(ValueError, match="boundaries"):
+        fn(q, k, v, u, cu_seqlens=torch.tensor([0, 4, 10]), segmentation="boundaries", boundaries=boundaries)
+
+
 def test_packed_initial_state_needs_one_row_per_sequence():
     q, k, v, u, _ = make_inputs(1, 10, 2, 4, 5, grad=False)
     _, st = memory_caching(q, k, v, u, output_final_state=True)

@@ -104,9 +104,8 @@ def memory_caching(
                            dict(memory=memory, params=params, segment_size=segment_size, segmentation=segmentation,
                                 init=init, aggregation=aggregation, top_k=top_k, scale=scale,
                                 score_scale=score_scale, mini_batch=mini_batch, spec=spec))
-        boundaries = packed_boundaries(boundaries, len(packed) - 1)
-        if boundaries[0] is None:
-            boundaries = None
+        if boundaries is not None:
+            boundaries = packed_boundaries(boundaries, len(packed) - 1)
     opts, gates, state, dt = prepare_call(
         q, k, v, u, gates, initial_state, boundaries, summary_keys, spec=spec, memory=memory,
         aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k,
