@@ -1,6 +1,8 @@
 """Packed sequences (`cu_seqlens`, SPEC §2.1): a packed call equals running every sequence alone, exactly
 (outputs, final states, gradients), for the op, its reference, the layer and the model; bad `cu_seqlens`."""
 
+import functools
+
 import pytest
 import torch
 from helpers import assert_close, grads, make_inputs, rel_err
@@ -70,13 +72,14 @@ def test_packed_equals_separate(memory, aggregation, init, segmentation, C):
 
 @pytest.mark.parametrize("aggregation", ["grm", "ssc", "soup"])
 @pytest.mark.parametrize("init", ["checkpoint", "independent"])
-def test_packed_deep_memory(aggregation, init):
+@pytest.mark.parametrize("memory, mini_batch", [("dla", 1), ("dla", 2), ("titans", 2)])
+def test_packed_deep_memory(memory, mini_batch, aggregation, init):
     lengths = (1, 9, 16)
-    q, k, v, u, gates, params = _deep_inputs("dla", sum(lengths))
+    q, k, v, u, gates, params = _deep_inputs(memory, sum(lengths))
     q, k, v, u = (x[:1].detach().requires_grad_() for x in (q, k, v, u))
     gates = {n: x[:1].detach().requires_grad_() for n, x in gates.items()}
-    _check_packed(memory_caching, lengths, "dla", aggregation, init, "constant", 4, params=params,
-                  inputs=(q, k, v, u, gates))
+    fn = functools.partial(memory_caching, mini_batch=mini_batch)  # mini-batches counted from each sequence
+    _check_packed(fn, lengths, memory, aggregation, init, "constant", 4, params=params, inputs=(q, k, v, u, gates))
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
