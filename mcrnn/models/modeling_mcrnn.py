@@ -12,6 +12,7 @@ from mcrnn.data import IGNORE_INDEX
 from mcrnn.layers import Attention, MCCache, MemoryCachingAttention, RMSNorm, ShortConvolution
 from mcrnn.layers.utils import check_padding_mask
 from mcrnn.models.configuration_mcrnn import MCConfig
+from mcrnn.ops.mc.state import check_cu_seqlens
 
 try:  # transformers >= 4.52: blocks that `gradient_checkpointing_enable` knows how to checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer as _BlockBase
@@ -367,8 +368,9 @@ class MCForCausalLM(MCPreTrainedModel, GenerationMixin):
                                    past_key_values)
         if packed is not None and labels is not None:
             # the last token of a packed sequence does not predict the first token of the next one
+            starts = check_cu_seqlens(packed, *labels.shape)[1:-1]
             labels = labels.clone()
-            labels[:, packed[1:-1].long()] = IGNORE_INDEX
+            labels[:, starts] = IGNORE_INDEX
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
