@@ -1,7 +1,7 @@
 """Packed sequences (`cu_seqlens`) against the same tokens unpacked: forward+backward time of `memory_caching`.
 
     python benchmarks/packed.py                 # T = 4096 tokens, H = 4, K = V = 64, segment_size 256
-    python benchmarks/packed.py --T 8192 --runs 5
+    python benchmarks/packed.py --T 8192 --runs 5 --docs 200
 
 Rows per aggregation (fastest of `--runs` interleaved rounds, the least disturbed on a shared machine):
   unpacked [n, L]      n equal sequences as a batch
@@ -52,6 +52,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, default=4096)
     ap.add_argument("--n", type=int, default=8, help="equal sequences")
+    ap.add_argument("--docs", type=int, default=24, help="ragged: about this many random document lengths")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -60,7 +61,7 @@ def main():
     L = T // n
     equal = torch.arange(0, T + 1, L, dtype=torch.int32)
     g = torch.Generator().manual_seed(1)
-    cuts = sorted(set(torch.randint(1, T, (3 * n,), generator=g).tolist()))
+    cuts = sorted(set(torch.randint(1, T, (args.docs - 1,), generator=g).tolist()))
     ragged = torch.tensor([0, *cuts, T], dtype=torch.int32)
     print(f"T={T} H={H} K=V={K} threads={args.threads}; equal: {n} x {L}; ragged: {len(ragged) - 1} documents")
     print(f"{'aggregation':<12}{'unpacked':>10}{'packed eq':>11}{'ratio':>7}{'one seq':>10}{'ragged':>9}{'ratio':>7}")
