@@ -240,7 +240,8 @@ class MCModel(MCPreTrainedModel):
                 raise ValueError("`cu_seqlens` (packed sequences) needs a model of Memory Caching layers only: "
                                  "the attention layers of hybrid models do not take it yet")
             if use_cache:
-                raise ValueError("`cu_seqlens` (packed sequences) cannot be combined with `use_cache=True`")
+                raise ValueError("`cu_seqlens` (packed sequences, or `position_ids` that restart at 0) cannot be "
+                                 "combined with `use_cache=True`")
             use_cache = False
             kwargs["cu_seqlens"] = cu_seqlens
         if inputs_embeds is None:
