@@ -84,7 +84,7 @@ def test_full_config_is_valid():
     exp = load_experiment(CONFIG, "throughput")
     spec = throughput.eval_spec(exp)
     cases = throughput.make_cases(exp, spec)
-    assert len(cases) == len(exp.variants) * len(spec["seq_lens"]) == 33
+    assert len(cases) == len(exp.variants) * len(spec["seq_lens"]) == 39  # 13 variants x 3 lengths
     for c in cases:
         MCConfig(**c["model"])  # every (variant, length) builds
     params = {c["variant"]: sum(p.numel() for p in MCForCausalLM(MCConfig(**c["model"])).parameters())

@@ -5,6 +5,11 @@ Convention: a window is ``seq_len + 1`` tokens; ``inputs = window[:-1]`` and ``l
 Consecutive windows overlap by one token (stride ``seq_len``), so every token of the stream except the
 first is a label exactly once, apart from the remainder below.
 
+Documents: with ``separate_documents`` (:class:`TextDataset`) a window also carries where its documents start
+(:func:`document_starts`); :func:`packed_rows` flattens a batch of windows into one row and its
+``cu_seqlens``, so that a model called with them (``MCForCausalLM(input_ids, cu_seqlens=...)``) never lets a
+token read another document, and the label of a document's last token (its ``eos``) is ignored.
+
 Remainder: a stream of ``T`` tokens gives ``N = (T − 1) // seq_len`` full windows; its last
 ``(T − 1) % seq_len`` tokens are dropped by :func:`pack`, or kept by :func:`pack_causal` with
 ``pad_id`` (the last window is padded, padded labels are ``-100``).
@@ -79,6 +84,31 @@ def pack_causal(token_ids: Sequence[int] | torch.Tensor, seq_len: int,
     return inputs.contiguous(), labels
 
 
+def document_starts(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """``[N, L]`` bool: where a document starts in each window of ``inputs [N, L]`` (the token after an
+    ``eos_id``), and at every window's first token (a window is a sequence of its own)."""
+    starts = torch.zeros_like(inputs, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = inputs[:, :-1] == eos_id
+    return starts
+
+
+def packed_rows(inputs: torch.Tensor, labels: torch.Tensor, starts: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten a batch of windows ``inputs, labels, starts: [B, L]`` into one packed row: ``(inputs [1, B * L],
+    labels [1, B * L], cu_seqlens [n + 1] int32)``, one sequence per document piece of every window (fla's
+    ``cu_seqlens`` convention, as :func:`mcrnn.ops.memory_caching` and the models take it)."""
+    if inputs.shape != labels.shape or inputs.shape != starts.shape or inputs.dim() != 2:
+        raise ValueError(f"inputs, labels and starts must all be [B, L], got {tuple(inputs.shape)}, "
+                         f"{tuple(labels.shape)} and {tuple(starts.shape)}")
+    if not bool(starts[:, 0].all()):
+        raise ValueError("`starts` must mark every window's first token (each window is a sequence of its own)")
+    flat = starts.reshape(-1)
+    begin = flat.nonzero().flatten()
+    cu_seqlens = torch.cat([begin, begin.new_full((1,), flat.numel())]).to(torch.int32)
+    return inputs.reshape(1, -1), labels.reshape(1, -1), cu_seqlens
+
+
 class TextDataset(Dataset):
     """Causal-LM windows over one split of the corpus; item ``i`` is ``(inputs [L], labels [L])`` int64.
 
@@ -91,10 +121,14 @@ class TextDataset(Dataset):
             :mod:`mcrnn.data.tokenization`); default a :class:`ByteTokenizer`.
         seq_len: L.
         source: ``"gutenberg"`` or ``"sample"`` (see :func:`mcrnn.data.corpus.load_documents`).
+        separate_documents: also keep ``starts [N, L]`` (:func:`document_starts`: where each window's documents
+            start) and ignore the label of every ``eos`` input (the next document's first token), for training
+            with ``cu_seqlens`` (:func:`packed_rows`). Off by default: the windows are then exactly as before.
     """
 
     def __init__(self, split: str = "train", tokenizer=None, seq_len: int = 512, source: str = "gutenberg",
-                 pad_remainder: bool = False, root: str | os.PathLike | None = None, download: bool = True):
+                 pad_remainder: bool = False, root: str | os.PathLike | None = None, download: bool = True,
+                 separate_documents: bool = False):
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         docs = load_documents(split, source, download=download, root=root)
         ids: list[int] = []
@@ -107,6 +141,12 @@ class TextDataset(Dataset):
             raise ValueError("pad_remainder=True needs a tokenizer with a pad_id")
         self.inputs, self.labels = pack_causal(self.tokens, seq_len, pad_id=pad)
         self.split, self.seq_len = split, seq_len
+        self.starts = None
+        if separate_documents:
+            eos = self.tokenizer.eos_id
+            self.starts = document_starts(self.inputs, eos)
+            # a document's last input (its eos) would predict the next document, which it cannot see
+            self.labels = self.labels.masked_fill(self.inputs == eos, IGNORE_INDEX)
 
     def __len__(self) -> int:
         return self.inputs.shape[0]

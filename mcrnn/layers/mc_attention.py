@@ -10,6 +10,7 @@ from mcrnn.layers.cache import MCCache
 from mcrnn.layers.utils import RMSNorm, ShortConvolution, check_padding_mask
 from mcrnn.ops import MCSpec, memory_caching, memory_caching_step
 from mcrnn.ops.mc import make_options
+from mcrnn.ops.mc.state import check_cu_seqlens
 
 
 class GateLinear(nn.Linear):
@@ -43,6 +44,10 @@ class MemoryCachingAttention(nn.Module):
     key but its mean absolute position over `segment_size` (`summary_keys: [B, T, H, 1]` of the op, positions
     counted from the start of the sequence, cached tokens included), and `u` is one scalar per head: a learned,
     input-dependent recency slope. The weights of the cached memories then ignore what the segments stored.
+
+    Packed sequences (`cu_seqlens`, fla's keyword: `B == 1`, `[0, e_1, ..., T]`): every sequence is computed as
+    if it ran alone: the short convolution starts each from zeros, the op runs each from M_0 with segments
+    counted from its first token (input-only scores count positions from it too). No cache, no padding mask.
     """
 
     def __init__(
@@ -134,13 +139,19 @@ class MemoryCachingAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         past_key_values: MCCache | None = None,
         use_cache: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None, MCCache | None]:
         """`hidden_states: [B, T, D]`; `attention_mask: [B, S]` (S >= T) padding mask or None;
         `past_key_values`: an :class:`MCCache` (needs `layer_idx`); with `use_cache` this layer's state
-        in it is read and replaced. Returns `(o: [B, T, D], None, past_key_values)`."""
+        in it is read and replaced; `cu_seqlens`: packed sequences (see the class docstring).
+        Returns `(o: [B, T, D], None, past_key_values)`."""
         B, T, _ = hidden_states.shape
         H, K, V = self.num_heads, self.head_dim, self.head_v_dim
+        lengths = None
+        if cu_seqlens is not None:
+            lengths = self._packed_lengths(cu_seqlens, attention_mask, past_key_values, use_cache, B, T)
+            attention_mask = None
         state = None
         if past_key_values is not None:
             if self.layer_idx is None:
@@ -153,7 +164,10 @@ class MemoryCachingAttention(nn.Module):
         # a padded token feeds zeros to the convolution: the next real tokens see what they would see unpadded
         x_in = x * keep[..., None].to(x.dtype) if keep is not None else x
         qkv = torch.cat([self.q_proj(x_in), self.k_proj(x_in), self.v_proj(x_in)], dim=-1)
-        qkv, conv_state = self.conv(qkv, state.conv if state is not None else None)
+        if lengths is None:
+            qkv, conv_state = self.conv(qkv, state.conv if state is not None else None)
+        else:  # each packed sequence's convolution starts from zeros: no token sees the previous sequence
+            qkv = torch.cat([self.conv(piece)[0] for piece in qkv.split(lengths, dim=1)], dim=1)
         q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
         q = F.normalize(q.view(B, T, H, K), dim=-1)
         k = F.normalize(k.view(B, T, H, K), dim=-1)
@@ -166,7 +180,10 @@ class MemoryCachingAttention(nn.Module):
             # bfloat16 position would be exact only up to 256
             t0 = state.seq_len if state is not None else 0
             dt = torch.promote_types(x.dtype, torch.float32)
-            pos = torch.arange(t0, t0 + T, device=x.device, dtype=dt) / self.segment_size
+            if lengths is None:
+                pos = torch.arange(t0, t0 + T, device=x.device, dtype=dt) / self.segment_size
+            else:  # packed: counted from each sequence's first token
+                pos = torch.cat([torch.arange(n, device=x.device, dtype=dt) for n in lengths]) / self.segment_size
             summary_keys = pos.view(1, T, 1, 1).expand(B, T, H, 1)
         # gates in float32: a bfloat16 sigmoid cannot resolve decays close to 1
         spec_gates = self.mem.gates
@@ -185,13 +202,25 @@ class MemoryCachingAttention(nn.Module):
         else:
             o, mc_state = memory_caching(
                 q, k, v, u, gates=gates, initial_state=state.mc if state is not None else None,
-                output_final_state=want_state, summary_keys=summary_keys, **self.op_kwargs(),
+                output_final_state=want_state, summary_keys=summary_keys, cu_seqlens=cu_seqlens, **self.op_kwargs(),
             )
         if want_state:
             state.mc, state.conv = mc_state, conv_state
             state.seq_len += T
         o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V)), None, past_key_values
+
+    @staticmethod
+    def _packed_lengths(cu_seqlens, attention_mask, past_key_values, use_cache, B: int, T: int) -> list[int]:
+        """The lengths of packed sequences, checked against what a packed call cannot take."""
+        ends = check_cu_seqlens(cu_seqlens, B, T)
+        if past_key_values is not None or use_cache:
+            raise ValueError("`cu_seqlens` cannot be combined with a cache (`past_key_values` / `use_cache`): "
+                             "packed calls are for training and scoring; decode each sequence unpacked")
+        if attention_mask is not None and not bool(check_padding_mask(attention_mask, B, T).all()):
+            raise ValueError("`cu_seqlens` cannot be combined with padding (`attention_mask`): pack the real "
+                             "tokens only")
+        return [e - s for s, e in zip(ends, ends[1:])]
 
     def _decode_step(self, q, k, v, u, gates, summary_keys, mc_state):
         """One token from the cache: the op's decode step without the per-call checks (the layer built every

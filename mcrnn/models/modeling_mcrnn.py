@@ -12,6 +12,7 @@ from mcrnn.data import IGNORE_INDEX
 from mcrnn.layers import Attention, MCCache, MemoryCachingAttention, RMSNorm, ShortConvolution
 from mcrnn.layers.utils import check_padding_mask
 from mcrnn.models.configuration_mcrnn import MCConfig
+from mcrnn.ops.mc.state import check_cu_seqlens
 
 try:  # transformers >= 4.52: blocks that `gradient_checkpointing_enable` knows how to checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer as _BlockBase
@@ -91,6 +92,24 @@ def make_mixer(config: MCConfig, layer_idx: int) -> nn.Module:
         config.hidden_size, config.num_heads, head_dim=config.head_dim, head_v_dim=config.head_v_dim,
         spec=config.mc_spec, conv_size=config.conv_size, norm_eps=config.norm_eps, layer_idx=layer_idx,
     )
+
+
+def packed_cu_seqlens(
+    cu_seqlens: torch.Tensor | None, position_ids: torch.Tensor | None, cache
+) -> torch.Tensor | None:
+    """The `cu_seqlens` of a packed call: the one given, else derived from `position_ids: [1, T]` when they
+    restart at 0 inside the row (transformers' `DataCollatorWithFlattening`), else None (not packed)."""
+    if cu_seqlens is not None:
+        return cu_seqlens
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
+        return None
+    if cache is not None and cache.get_seq_length() > 0:
+        return None
+    starts = (position_ids[0, 1:] == 0).nonzero().flatten() + 1
+    if starts.numel() == 0:
+        return None
+    T = position_ids.shape[1]
+    return torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), T)]).to(torch.int32)
 
 
 class MCBlock(_BlockBase):
@@ -205,13 +224,26 @@ class MCModel(MCPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: MCCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """`input_ids: [B, T]` (or `inputs_embeds: [B, T, D]`); `attention_mask: [B, T]` or `[B, past + T]`
         padding mask (1 = keep); `cache` (alias `past_key_values`): an :class:`MCCache` to continue from.
+        `cu_seqlens`: packed sequences (`B == 1`, `[0, e_1, ..., T]`), each computed as if it ran alone; without
+        it, `position_ids: [1, T]` that restart at 0 (transformers' flattening collator) mark the same.
         Returns `last_hidden_state: [B, T, D]` and, with `use_cache`, the updated cache."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        cu_seqlens = packed_cu_seqlens(cu_seqlens, position_ids, cache if cache is not None else past_key_values)
+        if cu_seqlens is not None:
+            if "attention" in self.config.layer_mixers:
+                raise ValueError("`cu_seqlens` (packed sequences) needs a model of Memory Caching layers only: "
+                                 "the attention layers of hybrid models do not take it yet")
+            if use_cache:
+                raise ValueError("`cu_seqlens` (packed sequences, or `position_ids` that restart at 0) cannot be "
+                                 "combined with `use_cache=True`")
+            use_cache = False
+            kwargs["cu_seqlens"] = cu_seqlens
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         output_hidden_states = (
@@ -333,6 +365,13 @@ class MCForCausalLM(MCPreTrainedModel, GenerationMixin):
         `num_items_in_batch` (from the HF Trainer under gradient accumulation): the loss is the sum over the
         labels divided by it instead of the mean."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        packed = packed_cu_seqlens(kwargs.get("cu_seqlens"), position_ids, cache if cache is not None else
+                                   past_key_values)
+        if packed is not None and labels is not None:
+            # the last token of a packed sequence does not predict the first token of the next one
+            starts = check_cu_seqlens(packed, *labels.shape)[1:-1]
+            labels = labels.clone()
+            labels[:, starts] = IGNORE_INDEX
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from mcrnn.data import ByteTokenizer, TextDataset, get_tokenizer, mqar, mqar_spread, niah_batch, split_seeds
+from mcrnn.data.packing import packed_rows
 
 from .config import DataConfig, kv_pairs, niah_variants
 
@@ -61,23 +62,40 @@ class MQARBatches:
 
 
 class TextBatches:
-    """Random windows of the packed train split (drawn with a generator seeded by the step)."""
+    """Random windows of the packed train split (drawn with a generator seeded by the step).
 
-    def __init__(self, cfg: DataConfig, seed: int):
+    ``separate_documents``: the datasets keep where documents start (and ignore the labels of ``eos`` inputs),
+    and :meth:`packed_batch` gives a step's windows as one packed row with its ``cu_seqlens``, so that a model
+    called with them never lets a token read another document. Off by default (batches as before).
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int, separate_documents: bool = False):
         self.cfg, self.seed = cfg, seed
         tok = get_tokenizer(cfg.tokenizer, cfg.bpe_vocab_size)
         self.vocab_size = tok.vocab_size
-        self.train = TextDataset("train", tok, cfg.seq_len, source=cfg.source)
-        self.valid = TextDataset("valid", tok, cfg.seq_len, source=cfg.source)
+        self.separate_documents = separate_documents
+        self.train = TextDataset("train", tok, cfg.seq_len, source=cfg.source, separate_documents=separate_documents)
+        self.valid = TextDataset("valid", tok, cfg.seq_len, source=cfg.source, separate_documents=separate_documents)
         for name, ds in (("train", self.train), ("valid", self.valid)):
             if len(ds) == 0:
                 raise ValueError(f"data.seq_len: {cfg.seq_len} is longer than the {name} split of "
                                  f"source={cfg.source!r}")
 
-    def global_batch(self, step: int, batch_size: int):
+    def _rows(self, step: int, batch_size: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(step_seed(self.seed, step))
-        idx = torch.randint(0, len(self.train), (batch_size,), generator=g)
+        return torch.randint(0, len(self.train), (batch_size,), generator=g)
+
+    def global_batch(self, step: int, batch_size: int):
+        idx = self._rows(step, batch_size)
         return self.train.inputs[idx], self.train.labels[idx]
+
+    def packed_batch(self, step: int, batch_size: int):
+        """The windows of :meth:`global_batch` as one packed row: ``(inputs [1, B·L], labels [1, B·L],
+        cu_seqlens)``, one sequence per document piece (needs ``separate_documents``)."""
+        if not self.separate_documents:
+            raise ValueError("packed_batch needs TextBatches(..., separate_documents=True)")
+        idx = self._rows(step, batch_size)
+        return packed_rows(self.train.inputs[idx], self.train.labels[idx], self.train.starts[idx])
 
     def eval_set(self):
         n = min(len(self.valid), self.cfg.num_eval)

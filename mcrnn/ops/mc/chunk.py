@@ -14,9 +14,19 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mcrnn.ops.mc.aggregations import scores
-from mcrnn.ops.mc.plan import Plan, make_plan
+from mcrnn.ops.mc.plan import Plan, make_packed_plan, make_plan
 from mcrnn.ops.mc.spec import MCSpec
-from mcrnn.ops.mc.state import MCOptions, MCState, prepare_call
+from mcrnn.ops.mc.state import (
+    MCOptions,
+    MCState,
+    check_cu_seqlens,
+    packed_boundaries,
+    packed_initial_states,
+    prepare_call,
+    stack_states,
+    state_layout,
+    state_rows,
+)
 from mcrnn.ops.mc.step import memory_caching_step
 from mcrnn.ops.memory import State
 from mcrnn.ops.utils import to_heads_first
@@ -48,7 +58,8 @@ def memory_caching(
     summary_keys: torch.Tensor | None = None,
     spec: MCSpec | None = None,
     backend: str | None = None,
-) -> tuple[torch.Tensor, MCState | None]:
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, MCState | list[MCState] | None]:
     """Memory Caching over a recurrent memory (SPEC §2), chunk-parallel.
 
     Args:
@@ -77,22 +88,43 @@ def memory_caching(
         backend: "auto" (Triton kernels for the cached reads of CUDA tensors when triton imports) | "torch" |
             "triton" (the kernels wherever they run: CPU tensors under `TRITON_INTERPRET=1` too) | None (the
             environment's `MCRNN_BACKEND`, else "auto"). Calls the kernels do not cover use PyTorch.
+        cu_seqlens: packed sequences (fla's convention): `B == 1` and a 1-D int tensor `[0, e_1, ..., T]`;
+            sequence i is tokens `[e_i, e_{i+1})` and is computed exactly as if it ran alone (SPEC §2.1).
+            `initial_state` is then None, a list of n MCStates (one per sequence) or one MCState of batch n;
+            `boundaries` (segmentation="boundaries") a list of n lists, each relative to its sequence's start.
     Returns:
-        `o: [B, T, H, V]` in q's dtype and, if `output_final_state`, the :class:`MCState` after the last token.
+        `o: [B, T, H, V]` in q's dtype and, if `output_final_state`, the :class:`MCState` after the last token
+        (packed: a list of n MCStates of batch 1, one per sequence; `stack_states` makes one batch-n state of
+        those that share a layout, e.g. sequences of equal length).
     """
+    packed = None
+    if cu_seqlens is not None:
+        packed = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+        lengths = {b - a for a, b in zip(packed, packed[1:])}
+        if initial_state is not None or output_final_state or (len(lengths) == 1 and boundaries is None):
+            # per-sequence states, or sequences of one length (then this is the unpacked batch call itself): the
+            # sequences run as rows of unpacked batches
+            return _packed(q, k, v, u, gates, summary_keys, initial_state, boundaries, output_final_state, packed,
+                           dict(memory=memory, params=params, segment_size=segment_size, segmentation=segmentation,
+                                init=init, aggregation=aggregation, top_k=top_k, scale=scale,
+                                score_scale=score_scale, mini_batch=mini_batch, spec=spec, backend=backend))
+        if boundaries is not None:
+            boundaries = packed_boundaries(boundaries, len(packed) - 1)
     opts, gates, state, dt = prepare_call(
         q, k, v, u, gates, initial_state, boundaries, summary_keys, spec=spec, memory=memory,
         aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k,
         scale=scale, score_scale=score_scale, params=params, mini_batch=mini_batch, backend=backend,
     )
     T = q.shape[1]
-    plan = make_plan(T, opts, state, boundaries)
+    # packed (training, scoring): one call over the row; segments, memory runs and caches restart at every
+    # sequence start (`make_packed_plan`)
+    plan = make_plan(T, opts, state, boundaries) if packed is None else make_packed_plan(opts, packed, boundaries)
     qh, kh, vh = (to_heads_first(x, dt) for x in (q, k, v))
     uh = to_heads_first(u, dt) if u is not None else qh
     # the vectors whose segment means are the summaries p_i: [B, H, T, Ks]
     sh = to_heads_first(summary_keys, dt) if summary_keys is not None else kh
     gh = {n: to_heads_first(g, dt) for n, g in gates.items()}
-    if T == 1:  # decoding: the one-token step is exact and skips the parallel machinery (~5x faster)
+    if T == 1 and packed is None:  # decoding: the one-token step is exact and skips the parallel machinery (~5x faster)
         o, state = memory_caching_step(
             state, qh[:, :, 0], kh[:, :, 0], vh[:, :, 0], uh[:, :, 0], gates={n: g[:, :, 0] for n, g in gh.items()},
             opts=opts, end_of_segment=plan.completes[0], summary_keys=sh[:, :, 0],
@@ -392,3 +424,55 @@ def _final_state(opts, plan, state, finals, pool_states, pool_key_sum, seg_sums)
         levels=levels,
         options=opts.signature(),
     )
+
+
+def _packed(q, k, v, u, gates, summary_keys, initial_state, boundaries, output_final_state, ends, settings):
+    """Packed sequences with per-sequence states, or all of one length (`ends`: the checked `cu_seqlens`): those
+    of equal length, boundaries and state layout run together as one unpacked batch (rows of a batch never
+    interact, so each sequence's result is exactly its result alone)."""
+    n = len(ends) - 1
+    states, bounds = packed_initial_states(initial_state, n), packed_boundaries(boundaries, n)
+    groups: dict[tuple, list[int]] = {}
+    for i, (s, e) in enumerate(zip(ends, ends[1:])):
+        b = bounds[i]
+        try:
+            b = tuple(int(x) for x in (b.tolist() if hasattr(b, "tolist") else b)) if b is not None else None
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"`boundaries` of sequence {i} must be a list of ints, got {b!r}") from err
+        layout = state_layout(states[i]) if states[i] is not None else None
+        groups.setdefault((e - s, b, layout), []).append(i)
+    T, device = q.shape[1], q.device
+    outs, order = [], []
+    finals: list = [None] * n
+    for (L, b, _), members in groups.items():
+        if len(groups) == 1:  # every sequence in one group, in order: the rows are a view of the packed row
+            index = None
+        else:  # one gather per group (its backward is one index_add, not a zero-filled gradient per slice)
+            index = torch.cat([torch.arange(ends[i], ends[i + 1], device=device) for i in members])
+            order.append(index)
+
+        g = len(members)
+
+        def rows(x, index=index, g=g, L=L):  # [1, T, ...] -> [g, L, ...]: one row per member
+            if x is None:
+                return None
+            return (x if index is None else x.index_select(1, index)).reshape(g, L, *x.shape[2:])
+
+        init = [states[i] for i in members]
+        o, st = memory_caching(
+            rows(q), rows(k), rows(v), rows(u),
+            gates={name: rows(g) for name, g in gates.items()} if isinstance(gates, dict) else gates,
+            summary_keys=rows(summary_keys), boundaries=list(b) if b is not None else None,
+            initial_state=stack_states(init) if init[0] is not None else None,
+            output_final_state=output_final_state, **settings,
+        )
+        outs.append(o.reshape(1, -1, *o.shape[2:]))
+        if output_final_state:
+            for i, row in zip(members, state_rows(st)):
+                finals[i] = row
+    if len(groups) == 1:
+        return outs[0], (finals if output_final_state else None)
+    # back to packed order: the token at packed position order[j] is row j of the concatenated outputs
+    inverse = torch.empty(T, dtype=torch.long, device=device)
+    inverse[torch.cat(order)] = torch.arange(T, device=device)
+    return torch.cat(outs, dim=1).index_select(1, inverse), (finals if output_final_state else None)

@@ -11,7 +11,15 @@ import torch
 
 from mcrnn.ops.mc.plan import check_boundaries
 from mcrnn.ops.mc.spec import MCSpec
-from mcrnn.ops.mc.state import MCOptions, MCState, prepare_call, trailing_zeros
+from mcrnn.ops.mc.state import (
+    MCOptions,
+    MCState,
+    check_cu_seqlens,
+    packed_boundaries,
+    packed_initial_states,
+    prepare_call,
+    trailing_zeros,
+)
 
 __all__ = ["naive_memory_caching"]
 
@@ -137,9 +145,29 @@ def naive_memory_caching(
     summary_keys: torch.Tensor | None = None,
     spec: MCSpec | None = None,
     backend: str | None = None,
-) -> tuple[torch.Tensor, MCState | None]:
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, MCState | list[MCState] | None]:
     """Memory Caching one token at a time (the reference; `backend` is accepted for the shared signature and
     has no effect here). Same contract as :func:`memory_caching`."""
+    if cu_seqlens is not None:
+        # packed: literally one call per sequence (SPEC §2.1: each sequence is a sequence of its own)
+        ends = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+        n = len(ends) - 1
+        states, bounds = packed_initial_states(initial_state, n), packed_boundaries(boundaries, n)
+        outs, finals = [], []
+        for i, (s, e) in enumerate(zip(ends, ends[1:])):
+            cut = lambda x, s=s, e=e: x[:, s:e] if x is not None else None  # noqa: E731
+            o_i, st_i = naive_memory_caching(
+                cut(q), cut(k), cut(v), cut(u), memory=memory,
+                gates={n_: cut(g) for n_, g in gates.items()} if isinstance(gates, dict) else gates, params=params,
+                segment_size=segment_size, segmentation=segmentation, boundaries=bounds[i], init=init,
+                aggregation=aggregation, top_k=top_k, scale=scale, score_scale=score_scale, mini_batch=mini_batch,
+                initial_state=states[i], output_final_state=output_final_state, summary_keys=cut(summary_keys),
+                spec=spec,
+            )
+            outs.append(o_i)
+            finals.append(st_i)
+        return torch.cat(outs, dim=1), (finals if output_final_state else None)
     opts, gates, state, dt = prepare_call(
         q, k, v, u, gates, initial_state, boundaries, summary_keys, spec=spec, memory=memory,
         aggregation=aggregation, segmentation=segmentation, segment_size=segment_size, init=init, top_k=top_k,

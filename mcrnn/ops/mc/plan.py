@@ -128,3 +128,58 @@ def make_plan(T: int, opts: MCOptions, state: MCState, boundaries: Sequence[int]
                 run.final_reset = True
     return Plan(seg_start=starts, seg_end=seg_end, completes=completes, continues=continues, entries=entries,
                 stack=stack, runs=runs, units=units)
+
+
+def make_packed_plan(opts: MCOptions, cu_seqlens: list[int], boundaries: list | None) -> Plan:
+    """The plan of a packed call from M_0 (SPEC §2.1): every sequence's segments are counted from its first
+    token, the memory runs restart at every sequence start, and a cache is visible only to the later segments
+    of its own sequence. One call over the packed row then computes every sequence as if it ran alone.
+
+    `cu_seqlens`: `[0, e_1, ..., T]`; `boundaries`: None or one list of segment ends per sequence (relative to
+    its first token). The plan has no final-state bookkeeping (`stack`, `units`, `final_reset`): a packed call
+    that returns states runs its sequences as separate batch rows instead."""
+    C = opts.segment_size
+    log, indep = opts.segmentation == "logarithmic", opts.independent
+    seg_start, seg_end, completes = [], [], []
+    entries: list[Entry] = []
+    runs: dict[int, Run] = {0: Run(resets=[])}
+    for i, (s, e) in enumerate(zip(cu_seqlens, cu_seqlens[1:])):
+        L = e - s
+        ends = check_boundaries(boundaries[i], L) if boundaries is not None else list(range(C, L + 1, C))
+        local_end = ends + ([L] if not ends or ends[-1] < L else [])
+        local_start = [0] + [x for x in ends if x < L]
+        first, n_seg = len(seg_start), len(local_start)
+        seg_start += [s + x for x in local_start]
+        seg_end += [s + x for x in local_end]
+        done = set(ends)
+        completes += [x in done for x in local_end]
+        # the online memory restarts from M_0 at the sequence's start (and, independent, at each segment's)
+        runs[0].resets += [s + x for x in (local_start if indep else [0])]
+        n_done = sum(x in done for x in local_end)
+        if log and indep:
+            for lv in range(1, max(n_done, 1).bit_length() + 1 if n_done else 1):
+                run = runs.setdefault(lv, Run(resets=[]))
+                # level lv restarts at the sequence's start and at each segment that begins a block of 2**lv units
+                run.resets += [s + x for j, x in enumerate(local_start) if j % (1 << lv) == 0]
+        stack: list[int] = []
+        units = 0
+        for jj in range(n_seg):
+            if not completes[first + jj]:
+                continue
+            units += 1
+            j = first + jj
+            atoms, count, level = [("seg", j)], local_end[jj] - local_start[jj], 0
+            if log:
+                level = trailing_zeros(units)
+                while stack and entries[stack[-1]].level < level:
+                    popped = entries[stack.pop()]
+                    popped.vis_hi = j + 1
+                    atoms += popped.atoms
+                    count += popped.count
+            run = level if (log and indep and level > 0) else 0
+            runs[run].positions.append(seg_end[j])
+            entries.append(Entry(vis_lo=j + 1, vis_hi=first + n_seg, level=level, count=count, run=run,
+                                 position=seg_end[j], atoms=atoms))
+            stack.append(len(entries) - 1)
+    return Plan(seg_start=seg_start, seg_end=seg_end, completes=completes, continues=False, entries=entries,
+                stack=[], runs=runs, units=0)

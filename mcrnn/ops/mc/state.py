@@ -253,3 +253,105 @@ def prepare_call(
         state = check_initial_state(initial_state, opts, B, H, Ks, dt)
     return opts, gates, state, dt
 
+
+
+# ---- packed sequences (`cu_seqlens`, SPEC §2.1) -------------------------------------------------------------
+
+
+def check_cu_seqlens(cu_seqlens, B: int, T: int) -> list[int]:
+    """`cu_seqlens`: a 1-D integer tensor (or list) `[0, e_1, ..., e_n = T]`, strictly increasing, with `B == 1`
+    (fla's convention). Returns it as a list of ints."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.is_complex() \
+                or cu_seqlens.dtype == torch.bool:
+            raise ValueError(
+                f"`cu_seqlens` must be a 1-D integer tensor [0, e_1, ..., T], got dtype {cu_seqlens.dtype} "
+                f"and shape {tuple(cu_seqlens.shape)}"
+            )
+        ends = [int(x) for x in cu_seqlens.tolist()]
+    elif isinstance(cu_seqlens, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                         for x in cu_seqlens):
+        ends = list(cu_seqlens)
+    else:
+        raise ValueError(f"`cu_seqlens` must be a 1-D integer tensor [0, e_1, ..., T], got {cu_seqlens!r}")
+    if B != 1:
+        raise ValueError(f"`cu_seqlens` needs the sequences packed into one row (B == 1), got B = {B}: "
+                         "flatten the batch to [1, B * T] and list every row's start in `cu_seqlens`")
+    if len(ends) < 2 or ends[0] != 0 or ends[-1] != T:
+        raise ValueError(f"`cu_seqlens` must start at 0 and end at T = {T} (at least one sequence), got {ends}")
+    if any(b <= a for a, b in zip(ends, ends[1:])):
+        raise ValueError(f"`cu_seqlens` must be strictly increasing (no empty sequences), got {ends}")
+    return ends
+
+
+def state_layout(state: MCState) -> tuple:
+    """The Python (batch-shared) part of a state: rows of equal layout can be stacked into one batch."""
+    return (state.seg_len, state.position, state.units, tuple(state.cache_count), tuple(state.cache_level),
+            len(state.levels), tuple(sorted(state.options.items())))
+
+
+def state_rows(state: MCState) -> list[MCState]:
+    """Split a batch-`B` state into `B` states of batch 1 (views)."""
+    return [state.map(lambda x, i=i: x[i:i + 1]) for i in range(state.key_sum.shape[0])]
+
+
+def stack_states(states: Sequence[MCState]) -> MCState:
+    """One batch-`n` state from `n` states of the same layout (same lengths of open segment, caches, options).
+
+    Packed calls return one state per sequence; sequences of equal length (and equal history) stack, and the
+    stacked state continues them with an unpacked `B = n` call."""
+    states = list(states)
+    if not states or any(not isinstance(s, MCState) for s in states):
+        raise ValueError("`stack_states` takes a non-empty list of MCState")
+    layouts = {state_layout(s) for s in states}
+    if len(layouts) > 1:
+        raise ValueError(
+            "these states cannot be stacked into one batch: they differ in their open segment, caches or "
+            "options (sequences of different lengths); continue them with a packed call (a list of states)"
+        )
+    first = states[0]
+    cat = lambda xs: torch.cat(list(xs), dim=0)  # noqa: E731
+    return dataclasses.replace(
+        first,
+        online={n: cat(s.online[n] for s in states) for n in first.online},
+        cache={n: cat(s.cache[n] for s in states) for n in first.cache},
+        cache_key_sum=cat(s.cache_key_sum for s in states),
+        key_sum=cat(s.key_sum for s in states),
+        cache_count=list(first.cache_count),
+        cache_level=list(first.cache_level),
+        levels=[{n: cat(s.levels[i][n] for s in states) for n in lv} for i, lv in enumerate(first.levels)],
+    )
+
+
+def packed_initial_states(initial_state, n: int) -> list[MCState | None]:
+    """The initial state of each of the `n` packed sequences: None (each starts from M_0), a list of `n`
+    MCStates of batch 1 (what a packed call returns), or one MCState of batch `n` (one row per sequence)."""
+    if initial_state is None:
+        return [None] * n
+    if isinstance(initial_state, MCState):
+        rows = initial_state.key_sum.shape[0]
+        if rows != n:
+            raise ValueError(f"a packed call's `initial_state` needs one row per sequence: {n} rows, got {rows}")
+        return state_rows(initial_state)
+    if isinstance(initial_state, (list, tuple)) and len(initial_state) == n:
+        for s in initial_state:
+            if not isinstance(s, MCState) or s.key_sum.shape[0] != 1:
+                raise ValueError("a packed call's `initial_state` list must hold one MCState of batch 1 per sequence")
+        return list(initial_state)
+    raise ValueError(
+        f"a packed call's `initial_state` must be None, a list of {n} MCStates (one per sequence, as a packed "
+        f"call returns them) or one MCState with {n} rows, got {type(initial_state).__name__}"
+    )
+
+
+def packed_boundaries(boundaries, n: int) -> list:
+    """Per-sequence segment ends of a packed call: a list of `n` lists, each relative to its sequence's start."""
+    if boundaries is None:
+        return [None] * n
+    if isinstance(boundaries, torch.Tensor) or not isinstance(boundaries, (list, tuple)) or len(boundaries) != n \
+            or not all(isinstance(b, (list, tuple, torch.Tensor)) for b in boundaries):
+        raise ValueError(
+            f"with `cu_seqlens`, `boundaries` must be a list of {n} lists (each sequence's segment ends, relative "
+            "to its first token)"
+        )
+    return list(boundaries)
