@@ -10,5 +10,6 @@ from mcrnn.ops.mc.step import memory_caching_step
 
 __all__ = [
     "memory_caching", "naive_memory_caching", "memory_caching_step", "MCSpec", "MCState", "MCOptions",
-    "make_options", "stack_states", "Aggregation", "get_aggregation", "AGGREGATIONS", "INITS", "SEGMENTATIONS", "CACHE_SCORES",
+    "make_options", "stack_states", "Aggregation", "get_aggregation", "AGGREGATIONS", "INITS", "SEGMENTATIONS",
+    "CACHE_SCORES",
 ]
