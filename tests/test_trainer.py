@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import socket
@@ -15,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from mcrnn.train import load_config, lr_factor, parse_overrides, train
+from mcrnn.train import load_config, lr_factor, parse_overrides, train, validate
 from mcrnn.train import trainer as T
 from mcrnn.train.data import make_batches
 
@@ -267,3 +268,35 @@ def test_ddp_two_processes_match_one(tmp_path):
     for k in pa:
         assert torch.allclose(pa[k], pb[k], rtol=1e-4, atol=1e-5), k
     assert metrics(tmp_path / "ddp")[-1]["step"] == 4
+
+
+def test_separate_documents_never_mix_documents(tmp_path):
+    """`data.separate_documents`: a window's document pieces run as packed sequences, so the logits after an
+    `eos` are those of the next document alone; the option trains end to end and is refused where it cannot
+    apply."""
+    from mcrnn.models import MCConfig, MCForCausalLM
+    from mcrnn.train.trainer import forward_logits
+
+    torch.manual_seed(0)
+    model = MCForCausalLM(MCConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, num_heads=2,
+                                   segment_size=4, aggregation="grm")).eval()
+    eos = 19
+    x = torch.randint(0, 19, (2, 12))
+    x[0, 5] = eos  # window 0: a document ends at 5, the next starts at 6
+    with torch.no_grad():
+        logits, row = forward_logits(model, x, eos)
+        assert row.shape == (1, 24)
+        alone = model(input_ids=x[:1, 6:]).logits
+        torch.testing.assert_close(logits[0, 6:12], alone[0], rtol=1e-5, atol=1e-5)
+        mixed = model(input_ids=x[:1]).logits
+        assert not torch.allclose(logits[0, 6:12], mixed[0, 6:], atol=1e-4)  # unpacked, they would differ
+    cfg = {"model": {"hidden_size": 16, "num_hidden_layers": 1, "num_heads": 2, "segment_size": 8},
+           "data": {"task": "text", "tokenizer": "byte", "seq_len": 32, "num_eval": 4, "separate_documents": True},
+           "train": {"steps": 2, "batch_size": 2, "warmup": 0, "log_every": 1, "out_dir": str(tmp_path / "r"),
+                     "progress": False}}
+    res = train(validate(cfg))
+    assert math.isfinite(res["eval_loss"])
+    for bad in ({"data": {**cfg["data"], "task": "mqar", "vocab_size": 32, "num_kv_pairs": 2}},
+                {"model": {**cfg["model"], "mixer": ["attention"], "num_hidden_layers": 1}}):
+        with pytest.raises(ValueError, match="data.separate_documents"):
+            validate({**cfg, **bad})

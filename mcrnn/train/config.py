@@ -51,6 +51,8 @@ class DataConfig:
     # niah (byte level)
     niah_variants: int | list[int] = _spec([1, 2, 3], choices=(1, 2, 3),
                                            doc="S-NIAH variants mixed in training (1 filler, 2 text, 3 uuid)")
+    separate_documents: bool = _spec(False, doc="text: each document piece of a window is a sequence of its own "
+                                              "(packed, cu_seqlens), so no token reads another document")
     niah_label: str = _spec("query", choices=("query", "answer"),
                             doc="S-NIAH bytes labelled in training: query and answer, or the answer only")
 
@@ -302,6 +304,13 @@ def _check_cross(cfg: Config) -> None:
         vs = cfg.model.get("vocab_size")  # a train.init_from model's vocabulary is checked once it is loaded
         if vs is not None and vs < d.vocab_size:
             raise ValueError(f"model.vocab_size: {vs} is smaller than data.vocab_size {d.vocab_size}")
+    if d.separate_documents:
+        if d.task != "text":
+            raise ValueError(f"data.separate_documents: only text has documents, got data.task={d.task!r}")
+        mixers = cfg.model.get("mixer", "mc")
+        if "attention" in ([mixers] if isinstance(mixers, str) else list(mixers)) or t.init_from:
+            raise ValueError("data.separate_documents: packed sequences (cu_seqlens) need Memory Caching layers "
+                             "only (no attention layers, no train.init_from model)")
     if d.task == "niah":
         from mcrnn.data.niah import min_seq_len
 

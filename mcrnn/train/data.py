@@ -73,6 +73,7 @@ class TextBatches:
         self.cfg, self.seed = cfg, seed
         tok = get_tokenizer(cfg.tokenizer, cfg.bpe_vocab_size)
         self.vocab_size = tok.vocab_size
+        self.eos_id = tok.eos_id
         self.separate_documents = separate_documents
         self.train = TextDataset("train", tok, cfg.seq_len, source=cfg.source, separate_documents=separate_documents)
         self.valid = TextDataset("valid", tok, cfg.seq_len, source=cfg.source, separate_documents=separate_documents)
@@ -128,7 +129,7 @@ class NIAHBatches:
 
 def make_batches(cfg: DataConfig, seed: int):
     if cfg.task == "text":
-        return TextBatches(cfg, seed)
+        return TextBatches(cfg, seed, separate_documents=cfg.separate_documents)
     if cfg.task == "niah":
         return NIAHBatches(cfg, seed)
     return MQARBatches(cfg, seed)

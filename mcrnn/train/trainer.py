@@ -31,6 +31,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from mcrnn.data import IGNORE_INDEX
+from mcrnn.data.packing import document_starts, packed_rows
 from mcrnn.models import MCConfig, MCForCausalLM, causal_lm_loss
 
 from .config import Config, TrainConfig
@@ -119,8 +120,18 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
 
 
+def forward_logits(model, x: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's logits for windows `x: [B, L]`; with `eos_id` (`data.separate_documents`) the windows' document
+    pieces run as packed sequences (one row `[1, B·L]` and its `cu_seqlens`), so no token reads another document.
+    Returns the logits and the flattening applied to the labels (None: unchanged)."""
+    if eos_id is None:
+        return model(input_ids=x, use_cache=False).logits, None
+    row, _, cu_seqlens = packed_rows(x, x, document_starts(x, eos_id))
+    return model(input_ids=row, cu_seqlens=cu_seqlens.to(x.device), use_cache=False).logits, row
+
+
 @torch.no_grad()
-def evaluate(model, inputs, labels, batch_size: int, device, amp) -> dict:
+def evaluate(model, inputs, labels, batch_size: int, device, amp, eos_id: int | None = None) -> dict:
     """Loss and accuracy over labelled positions (token-weighted)."""
     was_training = model.training
     model.eval()
@@ -128,7 +139,9 @@ def evaluate(model, inputs, labels, batch_size: int, device, amp) -> dict:
     for i in range(0, inputs.shape[0], batch_size):
         x, y = inputs[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
         with amp:
-            logits = model(input_ids=x, use_cache=False).logits
+            logits, packed = forward_logits(model, x, eos_id)
+        if packed is not None:
+            y = y.reshape(1, -1)
         mask = y != IGNORE_INDEX
         n = int(mask.sum())
         if n == 0:
@@ -278,6 +291,8 @@ def train(cfg: Config, resume: bool | str | Path = False, stop_at: int | None = 
     random.seed(t.seed)
     torch.manual_seed(t.seed)
     batches = make_batches(d, t.seed)
+    # data.separate_documents: each window's document pieces run as packed sequences (cu_seqlens)
+    eos_id = batches.eos_id if getattr(d, "separate_documents", False) else None
     model = build_run_model(cfg, batches.vocab_size).to(device)
     n_params = count_params(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -322,7 +337,7 @@ def train(cfg: Config, resume: bool | str | Path = False, stop_at: int | None = 
     eval_x, eval_y = batches.eval_set() if master else (None, None)
 
     def run_eval():
-        res = evaluate(model, eval_x, eval_y, t.eval_batch_size, device, amp) if master else {}
+        res = evaluate(model, eval_x, eval_y, t.eval_batch_size, device, amp, eos_id) if master else {}
         if ddp:
             dist.barrier()  # the other ranks wait for rank 0's eval
         if master:
@@ -351,7 +366,9 @@ def train(cfg: Config, resume: bool | str | Path = False, stop_at: int | None = 
             sync = contextlib.nullcontext() if (not ddp or i == len(micro) - 1) else net.no_sync()
             with sync:
                 with amp:
-                    logits = net(input_ids=x, use_cache=False).logits
+                    logits, packed = forward_logits(net, x, eos_id)
+                if packed is not None:
+                    y = y.reshape(1, -1)
                 loss_sum = causal_lm_loss(logits, shift_labels=y, reduction="sum")
                 # DDP averages the gradients over ranks, hence the factor `world`
                 (loss_sum * (world / n_labels)).backward()
