@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from mcrnn.ops import get_memory
-from mcrnn.ops.deep import MOMENTUM, DLAMemory, TitansMemory, state_keys
 from mcrnn.ops.dla import chunk_dla, naive_dla
+from mcrnn.ops.dla.memory import DLAMemory
 from mcrnn.ops.linear import chunk_linear
 from mcrnn.ops.titans import chunk_titans, naive_titans
+from mcrnn.ops.titans.memory import MOMENTUM, TitansMemory
 
 OPS = {"dla": (naive_dla, chunk_dla), "titans": (naive_titans, chunk_titans)}
 GATES = {"dla": ("lr", "decay"), "titans": ("lr", "momentum", "forget")}
@@ -27,6 +28,10 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def state_keys(kind, params):
+    return get_memory(kind).state_keys(params)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,257 @@
+"""What the deep memories share behind the :class:`~mcrnn.ops.memory.Memory` interface: :class:`DeepMemory`
+(the MLP memory trained online, one gradient step per token, SPEC §1) and :class:`SoupMix` (Memory Soup over it).
+
+A deep memory (`mcrnn/ops/dla/memory.py`, `mcrnn/ops/titans/memory.py`) defines only what makes it itself:
+its gates, the error `e = dℓ/df` of its loss, its per-token update, its extra state (stacked with the weights
+in the scan) and the in-mini-batch map of its update (:meth:`DeepMemory.transition`).
+
+Depth comes from `params` (`{"W"}` or `{"W1", "W2"}`), so `readable_keys` lists both forms and
+:meth:`~DeepMemory.readable` keeps the ones the state has.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from mcrnn.ops.deep.checks import check_mini_batch, check_params
+from mcrnn.ops.deep.mlp import gelu, mlp_read, token_gradient, weight_keys
+from mcrnn.ops.deep.scan import deep_scan, mini_batch_layout
+from mcrnn.ops.memory import Memory, State
+from mcrnn.ops.utils import weighted_matmul
+
+
+class DeepMemory(Memory):
+    """An MLP memory `f_W(x) = x + W1 gelu(W2 x)` (or `W x`) trained online on a per-token loss, with
+    mini-batches: every gradient of a mini-batch is taken at the weights of its start (`W_mb`)."""
+
+    readable_keys = ("W1", "W2", "W")
+    linear_read = False
+    deep = True
+    #: `e = dℓ/df` depends on `f_W(k)`: the gradients need a forward pass through the memory at `W_mb`
+    error_needs_forward = True
+
+    # ---- what a deep memory defines ----------------------------------------------------------------------
+    def error(self, f: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+        """`e = dℓ/df` at `f = f_W(k)` (None when not :attr:`error_needs_forward`): `[*L, V]`."""
+        raise NotImplementedError
+
+    def update(self, state: State, grads: State, gates: dict[str, torch.Tensor]) -> State:
+        """One token: the new weights (and extra entries) from the state, the token's gradients `∇W` at `W_mb`
+        (`[*L, ...]` like the weights) and every gate `[*L]`."""
+        raise NotImplementedError
+
+    def blocks(self, weight: str) -> tuple[str, ...]:
+        """The state entries of one weight, stacked in the scan (the weight first; titans: its momentum)."""
+        return (weight,)
+
+    def with_extras(self, W: State) -> State:
+        """The weights `W` and the memory's extra entries at their initial value."""
+        return dict(W)
+
+    def transition(self, gates: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The in-mini-batch map: gates `[..., b]` (one mini-batch per row) -> `A: [..., b, m, m]`,
+        `L: [..., b, m, b]` with `X_t = A_t X_in − Σ_j L_tj ∇_j`, `X` the `m` stacked :meth:`blocks`
+        of a weight; `L_tj = 0` for `j > t`. No division and no logarithm: gates of exactly 0 stay exact."""
+        raise NotImplementedError
+
+    # ---- gates and states ------------------------------------------------------------------------------
+    def fill_gates(self, gates: dict[str, torch.Tensor | None], like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every gate as a tensor shaped like `like` (missing ones take their :class:`Gate` default)."""
+        return {n: gates[n] if gates.get(n) is not None else torch.full_like(like, g.default)
+                for n, g in self.gates.items()}
+
+    def state_keys(self, params: dict) -> tuple[str, ...]:
+        """The weights, their value at the current mini-batch's start (`*_mb`) and the extra entries."""
+        wk = weight_keys(params)
+        return wk + tuple(n + "_mb" for n in wk) + tuple(key for n in wk for key in self.blocks(n)[1:])
+
+    def check_state(self, state, params: dict, B: int) -> None:
+        """An `initial_state` must hold the current weights `[B, H, ...]`; `*_mb` (default: the current weights)
+        and the extra entries (default: their initial value) may be left out."""
+        if state is None:
+            return
+        wk = weight_keys(params)
+        allowed = self.state_keys(params)
+        if not isinstance(state, dict):
+            got = type(state).__name__
+            raise ValueError(f"`initial_state` must be a dict with keys {list(allowed)}, got {got}")
+        bad = set(state) - set(allowed)
+        missing = [n for n in wk if n not in state]
+        if bad or missing:
+            raise ValueError(
+                f"`initial_state` for {self.name} must have keys {list(allowed)} ({list(wk)} required), "
+                f"got {sorted(state)}"
+            )
+        weight_of = {key: n for n in wk for key in (*self.blocks(n), n + "_mb")}
+        for name, x in state.items():
+            shape = (B, *params[weight_of[name]].shape)
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+                got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"`initial_state['{name}']` must have shape {list(shape)}, got {got}")
+
+    def complete_state(self, state: State, dtype: torch.dtype) -> State:
+        """Cast to the compute dtype and fill the optional keys (see :meth:`check_state`)."""
+        st = {n: x.to(dtype) for n, x in state.items()}
+        wk = weight_keys(st)
+        for n in wk:
+            st.setdefault(n + "_mb", st[n])
+        for key, x in self.with_extras({n: st[n] for n in wk}).items():
+            st.setdefault(key, x)
+        return st
+
+    # ---- the Memory interface ------------------------------------------------------------------------------
+    def default_scale(self, K: int) -> float:
+        return 1.0
+
+    def check_dims(self, K, V, *, memory_depth=2):
+        if memory_depth == 2 and K != V:
+            raise ValueError(
+                f"memory {self.name!r} with memory_depth=2 needs head_v_dim == head_dim (the residual MLP maps K "
+                f"to V = K), got {V} != {K}: set `expand_v` to 1 or memory_depth=1"
+            )
+
+    def make_params(self, H, K, V, *, memory_depth=2, expansion=4):
+        self.check_dims(K, V, memory_depth=memory_depth)
+        if memory_depth == 1:
+            return {"W": torch.zeros(H, V, K)}
+        E = expansion * K
+        return {"W1": torch.zeros(H, V, E), "W2": torch.zeros(H, E, K)}
+
+    def init_params(self, params, std=0.02, init=torch.nn.init):
+        """W_0. Depth 1: `W = 0` (the memory starts as linear attention does). MLP: `W1 ~ N(0, std)` (f_W starts
+        close to the identity) and `W2 ~ N(0, 1/E)`, so that `a = gelu(W2 k)` has a small norm for unit keys:
+        the inner gradient step on W1 has curvature `‖a‖²`, and `θ‖a‖² > 2` makes the online update diverge
+        (with `W2 ~ N(0, 1)` Titans overflows within a few tokens)."""
+        if "W1" in params:
+            init.normal_(params["W1"], mean=0.0, std=std)
+            init.normal_(params["W2"], mean=0.0, std=params["W2"].shape[1] ** -0.5)
+        if "W" in params:
+            init.zeros_(params["W"])
+
+    def state_numel(self, K, V, *, memory_depth=2, expansion=4):
+        weights = V * K if memory_depth == 1 else 2 * expansion * K * K
+        # every weight is stacked with the memory's other entries of that shape (titans: its momentum)
+        return {"state": weights * len(self.blocks("W")), "cache": weights}
+
+    def soup(self, q, k, v, gates, *, blocks, gamma_online, scan_kwargs):
+        """Memory Soup over the MLP: `y = x + (Σ γ_i W1_i) gelu((Σ γ_i W2_i) x)`, `x = scale · q`. The cached
+        part of the mix is a weighted GEMM per block (no per-token weights); the online `W2_t x_t` and
+        `W1_t z_t` come from a pass of the online memory that mixes them in (:class:`SoupMix`)."""
+        B, H, T, K = q.shape
+        x = q * scan_kwargs["scale"]
+        sizes = [t1 - t0 for t0, t1, _, _ in blocks]
+        pieces = x.split(sizes, dim=2)
+        E = None
+        hidden, per_block = [], []
+        for (t0, _, gamma, cache), x_b in zip(blocks, pieces):
+            if gamma is None:
+                hidden.append(None)
+                per_block.append(None)
+                continue
+            n = gamma.shape[-1]
+            W1, W2 = cache["W1"], cache["W2"]  # [B, H, n, V, E], [B, H, n, E, K]
+            E = W2.shape[-2]
+            W2T = W2.transpose(-1, -2).reshape(B, H, n * K, -1)
+            W1T = W1.transpose(-1, -2).reshape(B, H, n * W1.shape[-1], -1)
+            hidden.append(weighted_matmul(gamma, x_b, W2T))  # Σ_{i<s} γ_i W2_i x
+            per_block.append((t0, gamma, W1T))
+        if E is None:
+            E = scan_kwargs["params"]["W2"].shape[-2]
+        hidden = [h if h is not None else x.new_zeros(B, H, sz, E) for h, sz in zip(hidden, sizes)]
+        mix = SoupMix(blocks, gamma_online, torch.cat(hidden, dim=2), per_block)
+        o, _, _ = self.scan(q, k, v, gates, mix=mix, **scan_kwargs)
+        return o
+
+    def check(self, K, V, params, mini_batch, H):
+        if mini_batch is None:
+            raise ValueError(f"memory {self.name!r} needs `mini_batch` (an integer >= 1)")
+        check_mini_batch(mini_batch)
+        if params is None:
+            raise ValueError(f"memory {self.name!r} needs `params` (its learned initial weights)")
+        check_params(params, H, K, V)
+
+    def readable(self, state: State) -> State:
+        return {n: state[n] for n in weight_keys(state)}
+
+    def init_state(self, B, H, K, V, like, params):
+        """`M_0`: the weights broadcast to `[B, H, ...]` (also as the mini-batch start) and the extra entries."""
+        W = {n: params[n].to(like.dtype).unsqueeze(0).expand(B, *params[n].shape).clone() for n in weight_keys(params)}
+        st = self.with_extras(W)
+        st.update({n + "_mb": x for n, x in W.items()})
+        return st
+
+    def step(self, state, k, v, gates, *, seg_pos, params, mini_batch):
+        """One token, literally SPEC §1: the explicit gradient of the token's loss at `W_mb`, then the update."""
+        g = self.fill_gates(gates, k[..., 0])
+        wk = weight_keys(state)
+        W_mb = {n: state[n] if seg_pos % mini_batch == 0 else state[n + "_mb"] for n in wk}
+        new = self.update(state, token_gradient(W_mb, k, v, self.error), g)
+        new.update({n + "_mb": W_mb[n] for n in wk})
+        return new
+
+    def read(self, state, q, scale):
+        return mlp_read(state, q * scale)
+
+    def read_dense(self, cache, q, scale):
+        """cache `[B, H, N, ...]`, `q: [B, H, t, K]` -> `[B, H, t, N, V]`, one matmul per layer."""
+        x = q * scale
+        if "W" in cache:
+            return torch.einsum("bhnvk,bhtk->bhtnv", cache["W"], x)
+        h = torch.einsum("bhnek,bhtk->bhtne", cache["W2"], x)
+        return x.unsqueeze(3) + torch.einsum("bhnve,bhtne->bhtnv", cache["W1"], gelu(h))
+
+    def read_groups(self, states, q, scale):
+        """states `[G, ...]`, `q: [G, m, K]` -> `[G, m, V]`."""
+        x = q * scale
+        if "W" in states:
+            return x @ states["W"].transpose(-1, -2)
+        return x + gelu(x @ states["W2"].transpose(-1, -2)) @ states["W1"].transpose(-1, -2)
+
+    def reads_linearly(self, state: State) -> bool:
+        return "W" in state  # depth 1: f_W(x) = W x
+
+    def scan(
+        self, q, k, v, gates, *, initial, segment_starts, resets, positions, offset, scale, params, mini_batch,
+        mix=None,
+    ):
+        T = k.shape[2]
+        layout = mini_batch_layout(T, mini_batch, segment_starts, resets, pos0=offset, device=k.device)
+        P = {n: x.to(k.dtype) for n, x in params.items()}
+        return deep_scan(
+            self, q, k, v, self.fill_gates(gates, k[..., 0]), params=P, initial=initial, layout=layout,
+            positions=positions, scale=scale, mix=mix,
+        )
+
+
+class SoupMix:
+    """The hook the deep scan calls per mini-batch to mix its online weights with the caches (Memory Soup).
+
+    `hidden(i, h)`: `h = W2_t x_t` of mini-batch `i`'s tokens `[B, H, b, E]` -> `gelu(γ_s h + Σ γ_i W2_i x)`;
+    `output(i, x, z, w1z)`: `w1z = W1_t z` -> `x + γ_s w1z + Σ γ_i W1_i z`."""
+
+    def __init__(self, blocks, gamma_on, hidden, per_block):
+        self.block_starts = [t0 for t0, _, _, _ in blocks]
+        self.gamma_on, self.hidden_cached, self.per_block = gamma_on, hidden, per_block
+
+    def prepare(self, idx: torch.Tensor) -> None:
+        """`idx: [n_mb, b]` token rows of the mini-batches (padding = T)."""
+        pad = lambda y: torch.cat([y, torch.zeros_like(y[:, :, :1])], dim=2)
+        # gather once and unbind: per-mini-batch indexing would zero-fill a full-size gradient each time
+        self.g_on = pad(self.gamma_on)[:, :, idx].unbind(2)
+        self.h_c = pad(self.hidden_cached)[:, :, idx].unbind(2)
+        self.rows = idx
+        self.block_of = [bisect.bisect_right(self.block_starts, int(t)) - 1 for t in idx[:, 0].tolist()]
+
+    def hidden(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        return gelu(self.g_on[i].unsqueeze(-1) * h + self.h_c[i])
+
+    def output(self, i: int, x: torch.Tensor, z: torch.Tensor, w1z: torch.Tensor) -> torch.Tensor:
+        out = x + self.g_on[i].unsqueeze(-1) * w1z
+        blk = self.per_block[self.block_of[i]]
+        if blk is None:
+            return out
+        t0, gamma, W1T = blk
+        local = (self.rows[i] - t0).clamp(0, gamma.shape[2] - 1)  # padding rows read anything; dropped later
+        return out + weighted_matmul(gamma[:, :, local], z, W1T)
