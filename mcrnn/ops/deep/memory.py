@@ -11,8 +11,6 @@ Depth comes from `params` (`{"W"}` or `{"W1", "W2"}`), so `readable_keys` lists 
 
 from __future__ import annotations
 
-import bisect
-
 import torch
 
 from mcrnn.ops.deep.checks import check_mini_batch, check_params
@@ -35,6 +33,10 @@ class DeepMemory(Memory):
     # ---- what a deep memory defines ----------------------------------------------------------------------
     def error(self, f: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
         """`e = dℓ/df` at `f = f_W(k)` (None when not :attr:`error_needs_forward`): `[*L, V]`."""
+        raise NotImplementedError
+
+    def error_vjp(self, de: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`(dℓ'/df, dℓ'/dv)` from `dℓ'/de` (the error is affine in `f` and `v`); `None` for no dependence on `f`."""
         raise NotImplementedError
 
     def update(self, state: State, grads: State, gates: dict[str, torch.Tensor]) -> State:
@@ -141,26 +143,18 @@ class DeepMemory(Memory):
         `W1_t z_t` come from a pass of the online memory that mixes them in (:class:`SoupMix`)."""
         B, H, T, K = q.shape
         x = q * scan_kwargs["scale"]
-        sizes = [t1 - t0 for t0, t1, _, _ in blocks]
-        pieces = x.split(sizes, dim=2)
-        E = None
-        hidden, per_block = [], []
-        for (t0, _, gamma, cache), x_b in zip(blocks, pieces):
+        E = scan_kwargs["params"]["W2"].shape[-2]
+        hidden, cached_W1 = [], []
+        for (t0, t1, gamma, cache), x_b in zip(blocks, x.split([t1 - t0 for t0, t1, _, _ in blocks], dim=2)):
             if gamma is None:
-                hidden.append(None)
-                per_block.append(None)
+                hidden.append(x.new_zeros(B, H, t1 - t0, E))
+                cached_W1.append((t0, t1, None, None))
                 continue
             n = gamma.shape[-1]
             W1, W2 = cache["W1"], cache["W2"]  # [B, H, n, V, E], [B, H, n, E, K]
-            E = W2.shape[-2]
-            W2T = W2.transpose(-1, -2).reshape(B, H, n * K, -1)
-            W1T = W1.transpose(-1, -2).reshape(B, H, n * W1.shape[-1], -1)
-            hidden.append(weighted_matmul(gamma, x_b, W2T))  # Σ_{i<s} γ_i W2_i x
-            per_block.append((t0, gamma, W1T))
-        if E is None:
-            E = scan_kwargs["params"]["W2"].shape[-2]
-        hidden = [h if h is not None else x.new_zeros(B, H, sz, E) for h, sz in zip(hidden, sizes)]
-        mix = SoupMix(blocks, gamma_online, torch.cat(hidden, dim=2), per_block)
+            hidden.append(weighted_matmul(gamma, x_b, W2.transpose(-1, -2).reshape(B, H, n * K, E)))  # Σ γ_i W2_i x
+            cached_W1.append((t0, t1, gamma, W1.transpose(-1, -2).reshape(B, H, n * E, -1)))
+        mix = SoupMix(gamma_online, torch.cat(hidden, dim=2), cached_W1)
         o, _, _ = self.scan(q, k, v, gates, mix=mix, **scan_kwargs)
         return o
 
@@ -226,32 +220,21 @@ class DeepMemory(Memory):
 
 
 class SoupMix:
-    """The hook the deep scan calls per mini-batch to mix its online weights with the caches (Memory Soup).
+    """Memory Soup's mix of the online weights with the caches, in token order (the deep scan applies it).
 
-    `hidden(i, h)`: `h = W2_t x_t` of mini-batch `i`'s tokens `[B, H, b, E]` -> `gelu(γ_s h + Σ γ_i W2_i x)`;
-    `output(i, x, z, w1z)`: `w1z = W1_t z` -> `x + γ_s w1z + Σ γ_i W1_i z`."""
+    The scan computes the online `h = W2_t x_t`, then `z = gelu(γ_s h + hc)` with `hc = Σ γ_i W2_i x` (the
+    cached part, `hidden_cached: [B, H, T, E]`; `gamma_on: [B, H, T, 1]`), then `w1z = W1_t z_t`, and
+    :meth:`output` adds the cached `Σ γ_i W1_i z`. `cached_W1`: per token block `(t0, t1, γ: [B, H, t1 - t0, n],
+    [W1_1ᵀ; ...; W1_nᵀ]: [B, H, n·E, V])`, both None when no cache is visible there."""
 
-    def __init__(self, blocks, gamma_on, hidden, per_block):
-        self.block_starts = [t0 for t0, _, _, _ in blocks]
-        self.gamma_on, self.hidden_cached, self.per_block = gamma_on, hidden, per_block
+    def __init__(self, gamma_online: torch.Tensor, hidden_cached: torch.Tensor, cached_W1: list):
+        self.gamma_on, self.hidden_cached, self.cached_W1 = gamma_online.unsqueeze(-1), hidden_cached, cached_W1
 
-    def prepare(self, idx: torch.Tensor) -> None:
-        """`idx: [n_mb, b]` token rows of the mini-batches (padding = T)."""
-        pad = lambda y: torch.cat([y, torch.zeros_like(y[:, :, :1])], dim=2)
-        # gather once and unbind: per-mini-batch indexing would zero-fill a full-size gradient each time
-        self.g_on = pad(self.gamma_on)[:, :, idx].unbind(2)
-        self.h_c = pad(self.hidden_cached)[:, :, idx].unbind(2)
-        self.rows = idx
-        self.block_of = [bisect.bisect_right(self.block_starts, int(t)) - 1 for t in idx[:, 0].tolist()]
-
-    def hidden(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        return gelu(self.g_on[i].unsqueeze(-1) * h + self.h_c[i])
-
-    def output(self, i: int, x: torch.Tensor, z: torch.Tensor, w1z: torch.Tensor) -> torch.Tensor:
-        out = x + self.g_on[i].unsqueeze(-1) * w1z
-        blk = self.per_block[self.block_of[i]]
-        if blk is None:
-            return out
-        t0, gamma, W1T = blk
-        local = (self.rows[i] - t0).clamp(0, gamma.shape[2] - 1)  # padding rows read anything; dropped later
-        return out + weighted_matmul(gamma[:, :, local], z, W1T)
+    def output(self, x: torch.Tensor, z: torch.Tensor, w1z: torch.Tensor) -> torch.Tensor:
+        """`x + γ_s w1z + Σ γ_i W1_i z`: all `[B, H, T, ·]`."""
+        B, H, _, V = w1z.shape
+        cached = [
+            weighted_matmul(gamma, z[:, :, t0:t1], W1T) if gamma is not None else z.new_zeros(B, H, t1 - t0, V)
+            for t0, t1, gamma, W1T in self.cached_W1
+        ]
+        return torch.addcmul(x, self.gamma_on, w1z) + torch.cat(cached, dim=2)

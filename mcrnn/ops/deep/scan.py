@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from mcrnn.ops.deep.mlp import gelu, gelu_vjp, weight_keys
 from mcrnn.ops.memory import State
@@ -90,84 +91,362 @@ def segprod(g: torch.Tensor) -> torch.Tensor:
     return torch.where(strict | (ar[:, None] == ar[None, :]), X.cumprod(-2), zero)
 
 
-def _pairs(f: dict[str, torch.Tensor], k: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per weight, the two factors of its rank-one gradients: `∇_j = left_j right_jᵀ`."""
-    return {"W": (f["e"], k)} if "a" not in f else {"W1": (f["e"], f["a"]), "W2": (f["g"], k)}
+# ----------------------------------------------------------------------------------------------------------
+# one mini-batch: batch and heads flattened, `[BH, b, ·]` for tokens and `[BH, m·r, c]` for a stacked state
+# ----------------------------------------------------------------------------------------------------------
 
 
-def _advance(
-    X: dict[str, torch.Tensor], f: dict[str, torch.Tensor], k: torch.Tensor, A: torch.Tensor, L: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Linear map of a stacked state plus rank-b gradient terms, per weight.
-
-    `X[name]: [B, H, m·r, c]` holds `m` blocks (dla: `W`; titans: `W` over the momentum `S`),
-    `A: [B, H, p, m]`, `L: [B, H, p, b]`. Block `i` of the result (`[B, H, p·r, c]`) is
-    `Σ_m A_im X_m - Σ_j L_ij ∇_j`. The block mix is one small `bmm` over the whole state and the gradient
-    terms one `baddbmm`: two passes over the state per weight (state-sized passes dominate the CPU time)."""
-    out = {}
-    B, H, p, m = A.shape
-    b = L.shape[-1]
-    for nm, (left, right) in _pairs(f, k).items():
-        x = X[nm]
-        r, c = x.shape[-2] // m, x.shape[-1]
-        base = (A.reshape(B * H, p, m) @ x.reshape(B * H, m, r * c)).view(B * H, p * r, c)
-        lw = (L.unsqueeze(-1) * left.unsqueeze(-3)).transpose(-2, -3)  # [B, H, b, p, r]
-        out[nm] = torch.baddbmm(
-            base, lw.reshape(B * H, b, p * r).transpose(-1, -2), right.reshape(B * H, b, c), alpha=-1.0
-        ).view(B, H, p * r, c)
-    return out
+def _add(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
+    """`x + y` where either may be None (no gradient)."""
+    if x is None:
+        return y
+    return x if y is None else x + y
 
 
-def _read_mini_batch(
-    X: dict[str, torch.Tensor], f: dict[str, torch.Tensor], x: torch.Tensor, R: torch.Tensor,
-    RKX: torch.Tensor, C: torch.Tensor, xX: torch.Tensor | None, mix=None, rows: int | None = None,
-) -> torch.Tensor:
-    """`o_t = f_{W_t}(x_t)` for the `b` tokens of one mini-batch without building `W_t`.
+def _factors(memory: DeepMemory, W: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> dict:
+    """The rank-one factors of one mini-batch's gradients at `W` (`[BH, r, c]`): `k: [BH, b, K]`, `v: [BH, b, V]`.
 
-    `X` the stacked state entering it (see :func:`_advance`), `x: [B, H, b, K]`, `R: [B, H, b, b]`,
-    `RKX = R ⊙ (x kᵀ)`, `C: [B, H, b, m]` the coefficients of the blocks in `W_t`, `xX`: `x` times the stacked
-    first layer transposed when already computed. `mix` (Memory Soup) gets the online hidden `W2_t x_t` of the
-    tokens `rows` and returns the mixed `gelu(h)`, then combines the online `W1_t gelu(h)` with the caches."""
-    B, H, b, m = C.shape
-
-    def apply(name: str, y: torch.Tensor, RY: torch.Tensor, vecs: torch.Tensor, yX=None) -> torch.Tensor:
-        # W_t y_t = Σ_m C_tm X_m y_t - Σ_j R_tj (rows_j · y_t) vecs_j   (∇_j = vecs_j rows_jᵀ,
-        # RY = R ⊙ (y rowsᵀ))
-        yX = y @ X[name].transpose(-1, -2) if yX is None else yX  # [B, H, b, m·r]: every block in one matmul
-        out = yX * C if m == 1 else (yX.unflatten(-1, (m, -1)) * C.unsqueeze(-1)).sum(-2)
-        out = torch.baddbmm(out.flatten(0, 1), RY.flatten(0, 1), vecs.flatten(0, 1), alpha=-1.0)
-        return out.view(B, H, b, -1)
-
-    if "W" in X:
-        return apply("W", x, RKX, f["e"], xX)
-    h = apply("W2", x, RKX, f["g"], xX)
-    if mix is None:
-        u = gelu(h)
-        return x + apply("W1", u, R * (u @ f["a"].transpose(-1, -2)), f["e"])
-    # Memory Soup: the online W2_t, W1_t are mixed with the cached weights by the caller (`SoupMix`)
-    z = mix.hidden(rows, h)  # `rows`: the mini-batch's index
-    return mix.output(rows, x, z, apply("W1", z, R * (z @ f["a"].transpose(-1, -2)), f["e"]))
-
-
-def grad_factors(
-    memory: DeepMemory, W: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor, kW: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
-    """The rank-one factors of a mini-batch's gradients, all at the weights `W` (leading dims `[*L]`).
-
-    `k: [*L, n, K]`, `v: [*L, n, V]`; `kW`: `k` times the first layer (`W2` or `W`) transposed, when the
-    caller already has it. Returns `e = dℓ/df: [*L, n, V]` and, for the MLP, `a = gelu(W2 k)` and
-    `g = (W1ᵀ e) ⊙ gelu'(W2 k)`, both `[*L, n, E]`: then `∇W1 = e aᵀ`, `∇W2 = g kᵀ` (depth 1: `∇W = e kᵀ`).
-    """
-    first = W["W"] if "W" in W else W["W2"]
-    if kW is None and (memory.error_needs_forward or "W" not in W):
-        kW = k @ first.transpose(-1, -2)
+    Returns `e = dℓ/df` and, for the MLP, `h = W2 k`, `a = gelu(h)`, `p = W1ᵀ e` and `g = p ⊙ gelu'(h)`:
+    `∇W1 = e aᵀ`, `∇W2 = g kᵀ` (depth 1: `∇W = e kᵀ`, with `f = W k` when the error needs it)."""
     if "W" in W:
-        return {"e": memory.error(kW, v)}
-    W1 = W["W1"]
-    a = gelu(kW)
-    f = k + a @ W1.transpose(-1, -2) if memory.error_needs_forward else None
+        f = torch.bmm(k, W["W"].transpose(1, 2)) if memory.error_needs_forward else None
+        return {"e": memory.error(f, v)}
+    W1, W2 = W["W1"], W["W2"]
+    h = torch.bmm(k, W2.transpose(1, 2))
+    a = gelu(h)
+    f = torch.baddbmm(k, a, W1.transpose(1, 2)) if memory.error_needs_forward else None
     e = memory.error(f, v)
-    return {"e": e, "a": a, "g": gelu_vjp(e @ W1, kW)}
+    p = torch.bmm(e, W1)
+    return {"h": h, "a": a, "e": e, "p": p, "g": gelu_vjp(p, h)}
+
+
+def _rank_one(fac: dict, k: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per weight, the factors of its gradients `∇_j = left_j right_jᵀ` (`[BH, b, r]`, `[BH, b, c]`)."""
+    return {"W": (fac["e"], k)} if "a" not in fac else {"W1": (fac["e"], fac["a"]), "W2": (fac["g"], k)}
+
+
+def _gelu_second(h: torch.Tensor) -> torch.Tensor:
+    """`gelu''(h) = φ(h) (2 − h²)` for the exact GELU (φ the standard normal density)."""
+    h2 = h * h
+    return torch.exp(-0.5 * h2).mul_(2.0 - h2).mul_((2.0 * torch.pi) ** -0.5)
+
+
+def _add_outer(dW: dict, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """`dW[name] += xᵀ y` (`x: [BH, b, r]`, `y: [BH, b, c]`); a missing entry (None) starts at zero."""
+    if dW[name] is None:
+        dW[name] = torch.bmm(x.transpose(1, 2), y)
+    else:
+        dW[name].baddbmm_(x.transpose(1, 2), y)
+
+
+def _factors_backward(
+    memory: DeepMemory, W: dict[str, torch.Tensor], k: torch.Tensor, fac: dict, dfac: dict,
+    dW: dict[str, torch.Tensor | None],
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Backward of :func:`_factors` from `dfac` (`{"e", "a", "g"}`, entries may be None): returns `(dk, dv)` and
+    adds the weights' gradients into `dW` (entries may be None: no gradient yet; they stay None when the
+    factors do not depend on that weight, as dla's at depth 1)."""
+    de = dfac["e"] if dfac["e"] is not None else torch.zeros_like(fac["e"])
+    dk = None
+    if "W" in W:
+        df, dv = memory.error_vjp(de)
+        if df is not None:
+            dk = torch.bmm(df, W["W"])
+            _add_outer(dW, "W", df, k)
+        return dk, dv
+    W1, W2 = W["W1"], W["W2"]
+    h, a, e, p = fac["h"], fac["a"], fac["e"], fac["p"]
+    da, dg = dfac["a"], dfac["g"]
+    dh = None
+    if dg is not None:  # g = p ⊙ gelu'(h), p = W1ᵀ e
+        dp = gelu_vjp(dg, h)
+        dh = dg * p * _gelu_second(h)
+        de = torch.baddbmm(de, dp, W1.transpose(1, 2))
+        _add_outer(dW, "W1", e, dp)
+    df, dv = memory.error_vjp(de)
+    if df is not None:  # f = k + W1 a
+        dk = df
+        da = torch.baddbmm(da, df, W1) if da is not None else torch.bmm(df, W1)
+        _add_outer(dW, "W1", df, a)
+    if da is not None:  # a = gelu(h)
+        dh = _add(dh, gelu_vjp(da, h))
+    if dh is not None:  # h = W2 k
+        dk = torch.baddbmm(dk, dh, W2) if dk is not None else torch.bmm(dh, W2)
+        _add_outer(dW, "W2", dh, k)
+    return dk, dv
+
+
+def _scaled_left(L: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """`lw[p, r, j] = L_pj left_j[r]`: `L: [BH, p, b]`, `left: [BH, b, r]` -> `[BH, p·r, b]`, contiguous."""
+    BH, p, b = L.shape
+    out = torch.empty(BH, p, left.shape[-1], b, dtype=left.dtype, device=left.device)
+    return torch.mul(L.unsqueeze(2), left.transpose(1, 2).unsqueeze(1), out=out).view(BH, -1, b)
+
+
+def _advance(X: torch.Tensor, left: torch.Tensor, right: torch.Tensor, A: torch.Tensor, L: torch.Tensor):
+    """`out_p = Σ_m A_pm X_m − Σ_j L_pj left_j right_jᵀ` for the `m` stacked blocks (`X: [BH, m·r, c]`,
+    `A: [BH, p, m]`, `L: [BH, p, b]`, out `[BH, p·r, c]`): one block-mix `bmm` and one rank-b `baddbmm`."""
+    BH, _, m = A.shape
+    out = torch.bmm(A, X.view(BH, m, -1)).view(BH, -1, X.shape[-1])
+    return out.baddbmm_(_scaled_left(L, left), right, alpha=-1.0)
+
+
+def _advance_backward(dout: torch.Tensor, X: torch.Tensor, left, right, A: torch.Tensor, L: torch.Tensor):
+    """Backward of :func:`_advance`: `(dX, d left, d right, dA, dL)`."""
+    BH, p, m = A.shape
+    b = L.shape[-1]
+    dX = torch.bmm(A.transpose(1, 2), dout.view(BH, p, -1)).view_as(X)
+    dA = torch.bmm(dout.view(BH, p, -1), X.view(BH, m, -1).transpose(1, 2))
+    d_right = torch.bmm(_scaled_left(L, left).transpose(1, 2), dout).neg_()
+    d_lw = torch.bmm(dout, right.transpose(1, 2)).neg_().view(BH, p, -1, b)  # [BH, p, r, b]
+    d_left = (d_lw * L.unsqueeze(2)).sum(1).transpose(1, 2)
+    dL = (d_lw * left.transpose(1, 2).unsqueeze(1)).sum(2)
+    return dX, d_left, d_right, dA, dL
+
+
+def _blocks_times(X: torch.Tensor, C: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`Σ_m C_m (X_m y)` per token: `X: [BH, m·r, c]`, `C: [BH, b, m]`, `y: [BH, b, c]` -> `[BH, b, r]`."""
+    yX = torch.bmm(y, X.transpose(1, 2))  # [BH, b, m·r]: every block at once
+    m = C.shape[-1]
+    return yX * C if m == 1 else (yX.unflatten(-1, (m, -1)) * C.unsqueeze(-1)).sum(-2)
+
+
+def _apply(X, C, y, R, rows, vecs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`W_t y_t = Σ_m C_tm X_m y_t − Σ_j R_tj (rows_j · y_t) vecs_j` for the tokens of one mini-batch (the
+    weights' gradients are `vecs_j rows_jᵀ`), without building `W_t`. Returns it and `G = y rowsᵀ: [BH, b, b]`."""
+    G = torch.bmm(y, rows.transpose(1, 2))
+    return torch.baddbmm(_blocks_times(X, C, y), R * G, vecs, alpha=-1.0), G
+
+
+def _apply_backward(dout, X, C, y, R, rows, vecs, G, dX):
+    """Backward of :func:`_apply`: adds into `dX` in place, returns `(dy, dC, dR, d rows, d vecs)`."""
+    BH, b, m = C.shape
+    yX = torch.bmm(y, X.transpose(1, 2))
+    if m == 1:
+        dC = (yX * dout).sum(-1, keepdim=True)
+        dyX = C * dout
+    else:
+        dC = (yX.view(BH, b, m, -1) * dout.unsqueeze(2)).sum(-1)
+        dyX = (C.unsqueeze(-1) * dout.unsqueeze(2)).view(BH, b, -1)
+    dy = torch.bmm(dyX, X)
+    dX.baddbmm_(dyX.transpose(1, 2), y)
+    d_vecs = torch.bmm((R * G).transpose(1, 2), dout).neg_()
+    dRG = torch.bmm(dout, vecs.transpose(1, 2)).neg_()
+    dG = dRG * R
+    dy.baddbmm_(dG, rows)
+    return dy, dC, dRG * G, torch.bmm(dG.transpose(1, 2), y), d_vecs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the scan over mini-batches: one autograd node with a hand-written backward
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """What the mini-batch loop needs besides tensors. `fresh[i]`: mini-batch i's gradient point is its entering
+    weights (else it continues the previous one's); `reset[i]`: its entering state is `M_0`; `snap_at[i]`: the
+    snapshots taken inside it (indices into the snapshot list); `reads`/`mix`: outputs are read (with Memory
+    Soup's mix)."""
+
+    memory: DeepMemory
+    wk: tuple[str, ...]
+    fresh: list[bool]
+    reset: list[bool]
+    snap_at: dict[int, list[int]]
+    n_snaps: int
+    reads: bool
+    mix: bool
+
+
+class _Scan(torch.autograd.Function):
+    """The whole mini-batch loop of a deep memory: the recurrence, the reads and the snapshots.
+
+    Inputs (mini-batch-major, batch and heads flattened): `k: [n, BH, b, K]`, `v: [n, BH, b, V]`, the map over
+    each whole mini-batch `A: [n, BH, m, m]`, `L: [n, BH, m, b]`; for reads `x: [n, BH, b, K]` (scaled queries)
+    and the in-mini-batch coefficients `C: [n, BH, b, m]`, `R: [n, BH, b, b]`; for Memory Soup `γ: [n, BH, b, 1]`
+    and the cached hidden part `hc: [n, BH, b, E]`; for snapshots their rows of the map `As: [S, BH, 1, m]`,
+    `Ls: [S, BH, 1, b]`; then per weight the stacked initial state, the initial gradient point and, when some
+    mini-batch restarts, the stacked `M_0`. Outputs: per weight the stacked final state and the final gradient
+    point; for reads `y = W_t x_t` (depth 1) or `W1_t z_t`, `z = gelu(W2_t x_t)` or, mixed, `gelu(γ W2_t x_t + hc)`
+    (`[n, BH, b, ·]`), then `z` when mixing; per weight the snapshots `[S, BH, r, c]`.
+
+    The backward runs the mini-batches in reverse from the saved entering states (one per mini-batch, as
+    autograd would keep) and the small per-mini-batch factors: a short fixed list of batched products per
+    mini-batch, all on tensors of one mini-batch (cache-sized), instead of autograd's graph of ~60 nodes."""
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, k, v, A, L, x, C, R, gamma, hc, As, Ls, *states):
+        memory, wk = plan.memory, plan.wk
+        nw = len(wk)
+        X, Wmb, X0 = list(states[:nw]), list(states[nw : 2 * nw]), states[2 * nw :]
+        n = k.shape[0]
+        rows = [W.shape[-2] for W in Wmb]
+        Xs, facs, reads = [], [], []
+        y_out, z_out = [], []
+        snaps = [[None] * plan.n_snaps for _ in range(nw)]
+        for i in range(n):
+            if plan.reset[i]:
+                X = list(X0)
+            if plan.fresh[i]:
+                Wmb = [X[w][:, : rows[w]] for w in range(nw)]
+            fac = _factors(memory, dict(zip(wk, Wmb, strict=True)), k[i], v[i])
+            Xs.append(X)
+            facs.append(fac)
+            St = dict(zip(wk, X, strict=True))
+            if plan.reads:
+                if "W" in wk:
+                    y, G = _apply(St["W"], C[i], x[i], R[i], k[i], fac["e"])
+                    reads.append({"G": G})
+                else:
+                    h, G2 = _apply(St["W2"], C[i], x[i], R[i], k[i], fac["g"])
+                    pre = torch.addcmul(hc[i], gamma[i], h) if plan.mix else h
+                    z = gelu(pre)
+                    y, G1 = _apply(St["W1"], C[i], z, R[i], fac["a"], fac["e"])
+                    reads.append({"h": h, "pre": pre, "z": z, "G2": G2, "G1": G1})
+                    z_out.append(z)
+                y_out.append(y)
+            pairs = _rank_one(fac, k[i])
+            for s in plan.snap_at.get(i, ()):
+                for w, nm in enumerate(wk):
+                    snaps[w][s] = _advance(X[w], *pairs[nm], As[s], Ls[s])
+            if i + 1 < n and plan.reset[i + 1]:
+                continue  # the state is dropped: the next mini-batch starts from M_0
+            X = [_advance(X[w], *pairs[nm], A[i], L[i]) for w, nm in enumerate(wk)]
+        ctx.plan, ctx.Xs, ctx.facs, ctx.reads = plan, Xs, facs, reads
+        ctx.rows, ctx.n_states = rows, len(states)
+        ctx.save_for_backward(k, v, A, L, x, C, R, gamma, hc, As, Ls, *states[nw : 2 * nw])
+        ctx.set_materialize_grads(False)
+        out = [*X, *[w.clone() for w in Wmb]]
+        if plan.reads:
+            out.append(torch.stack(y_out))
+            if plan.mix:
+                out.append(torch.stack(z_out))
+        if plan.n_snaps:
+            out += [torch.stack(s) for s in snaps]
+        return tuple(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        plan, Xs, facs, reads, rows = ctx.plan, ctx.Xs, ctx.facs, ctx.reads, ctx.rows
+        memory, wk = plan.memory, plan.wk
+        nw = len(wk)
+        k, v, A, L, x, C, R, gamma, hc, As, Ls, *Wmb_init = ctx.saved_tensors
+        d_out, d_mb = list(grads[:nw]), list(grads[nw : 2 * nw])
+        pos = 2 * nw
+        dy_all = dz_all = None
+        if plan.reads:
+            dy_all, pos = grads[pos], pos + 1
+            if plan.mix:
+                dz_all, pos = grads[pos], pos + 1
+        d_snaps = grads[pos : pos + nw] if plan.n_snaps else [None] * nw
+        zeros = lambda t, on=True: torch.zeros_like(t) if on and t is not None else None  # noqa: E731
+        dk, dv, dA, dL = zeros(k), zeros(v), zeros(A), zeros(L)
+        dx, dC, dR = zeros(x, plan.reads), zeros(C, plan.reads), zeros(R, plan.reads)
+        dgamma, dhc = zeros(gamma, plan.mix), zeros(hc, plan.mix)
+        dAs, dLs = zeros(As), zeros(Ls)
+        dX0 = [None] * (ctx.n_states - 2 * nw)
+        dX_init = [None] * nw
+        for i in reversed(range(k.shape[0])):
+            X, fac = Xs[i], facs[i]
+            g = _MiniBatchGrads(wk, X, _rank_one(fac, k[i]))
+            dropped = i + 1 < k.shape[0] and plan.reset[i + 1]
+            for w in range(nw):
+                if not dropped and d_out[w] is not None:
+                    dA_, dL_ = g.advance(w, d_out[w], A[i], L[i])
+                    dA[i] += dA_
+                    dL[i] += dL_
+                if d_snaps[w] is not None:
+                    for s in plan.snap_at.get(i, ()):
+                        dA_, dL_ = g.advance(w, d_snaps[w][s], As[s], Ls[s])
+                        dAs[s] += dA_
+                        dLs[s] += dL_
+            if plan.reads and dy_all is not None:
+                dS = [g.dX[w] if g.dX[w] is not None else torch.zeros_like(X[w]) for w in range(nw)]
+                g.dX = dS
+                if "W" in wk:
+                    dx[i], dC[i], dR[i], dki, dei = _apply_backward(
+                        dy_all[i], X[0], C[i], x[i], R[i], k[i], fac["e"], reads[i]["G"], dS[0])
+                    g.add("e", dei)
+                else:
+                    rd = reads[i]
+                    dz, dC1, dR1, dai, dei = _apply_backward(
+                        dy_all[i], X[0], C[i], rd["z"], R[i], fac["a"], fac["e"], rd["G1"], dS[0])
+                    g.add("a", dai)
+                    g.add("e", dei)
+                    if dz_all is not None:
+                        dz = dz + dz_all[i]
+                    dpre = gelu_vjp(dz, rd["pre"])
+                    if plan.mix:
+                        dgamma[i] = (dpre * rd["h"]).sum(-1, keepdim=True)
+                        dhc[i] = dpre
+                        dpre = dpre * gamma[i]
+                    dx[i], dC2, dR2, dki, dgi = _apply_backward(
+                        dpre, X[1], C[i], x[i], R[i], k[i], fac["g"], rd["G2"], dS[1])
+                    g.add("g", dgi)
+                    dC[i], dR[i] = dC1 + dC2, dR1 + dR2
+                g.add("k", dki)
+            # the factors, at the mini-batch's gradient point
+            Wmb = _gradient_point(Xs, Wmb_init, plan.fresh, i, rows)
+            dW = {nm: (d.clone() if d is not None else None) for nm, d in zip(wk, d_mb, strict=True)}
+            dk_f, dv[i] = _factors_backward(memory, dict(zip(wk, Wmb, strict=True)), k[i], fac, g.dfac, dW)
+            g.add("k", dk_f)
+            if g.dfac["k"] is not None:
+                dk[i] = g.dfac["k"]
+            if plan.fresh[i]:  # the gradient point is the entering weights
+                for w, nm in enumerate(wk):
+                    if dW[nm] is not None:
+                        if g.dX[w] is None:
+                            g.dX[w] = torch.zeros_like(X[w])
+                        g.dX[w][:, : rows[w]] += dW[nm]
+                d_mb = [None] * nw
+            else:
+                d_mb = [dW[nm] for nm in wk]
+            if plan.reset[i]:
+                dX0 = [_add(a, b) for a, b in zip(dX0, g.dX, strict=True)]
+                d_out = [None] * nw
+            elif i == 0:
+                dX_init = g.dX
+            else:
+                d_out = g.dX
+        d_Wmb_init = d_mb if not plan.fresh[0] else [None] * nw
+        return (None, dk, dv, dA, dL, dx, dC, dR, dgamma, dhc, dAs, dLs, *dX_init, *d_Wmb_init, *dX0)
+
+
+class _MiniBatchGrads:
+    """Accumulates one mini-batch's gradients in the backward: on its entering state (`dX`, per weight) and on its
+    factors and keys (`dfac`: `e`, `a`, `g`, `k`; None until something arrives)."""
+
+    def __init__(self, wk, X, pairs):
+        self.wk, self.X, self.pairs = wk, X, pairs
+        self.dX = [None] * len(wk)
+        self.dfac = {"e": None, "a": None, "g": None, "k": None}
+
+    def add(self, name: str, grad: torch.Tensor | None) -> None:
+        self.dfac[name] = _add(self.dfac[name], grad)
+
+    def advance(self, w: int, dout: torch.Tensor, A: torch.Tensor, L: torch.Tensor):
+        """Backward of one :func:`_advance` of weight `w`; returns `(dA, dL)`."""
+        nm = self.wk[w]
+        dX, d_left, d_right, dA, dL = _advance_backward(dout, self.X[w], *self.pairs[nm], A, L)
+        self.dX[w] = _add(self.dX[w], dX)
+        self.add("g" if nm == "W2" else "e", d_left)  # ∇W2 = g kᵀ, ∇W1 = e aᵀ, ∇W = e kᵀ
+        self.add("a" if nm == "W1" else "k", d_right)
+        return dA, dL
+
+
+def _gradient_point(Xs, Wmb_init, fresh, i: int, rows) -> list[torch.Tensor]:
+    """The gradient point of a mini-batch that continues the previous one's (only the first of a call does)."""
+    j = i
+    while j >= 0 and not fresh[j]:
+        j -= 1
+    return list(Wmb_init) if j < 0 else [Xs[j][w][:, : rows[w]] for w in range(len(rows))]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the scan
+# ----------------------------------------------------------------------------------------------------------
 
 
 def deep_scan(
@@ -185,89 +464,75 @@ def deep_scan(
     """
     B, H, T, K = k.shape
     n, b = layout.idx.shape
+    BH = B * H
     dt = k.dtype
     wk = weight_keys(params)
 
-    def gather(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, *D] -> [B, H, n, b, *D], zero padding
+    def to_mb(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, *D] -> [n, BH, b, *D], zero padding
+        x = x.reshape(BH, T, *x.shape[3:])
         if layout.regular:
-            x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, n * b - T))
-            return x.reshape(B, H, n, b, *x.shape[3:])
-        x = torch.cat([x, x.new_zeros(B, H, 1, *x.shape[3:])], dim=2)
-        return x[:, :, layout.idx]
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, n * b - T)).view(BH, n, b, *x.shape[2:])
+        else:
+            x = torch.cat([x, x.new_zeros(BH, 1, *x.shape[2:])], dim=1)[:, layout.idx]
+        return x.transpose(0, 1).contiguous()
 
-    kc, vc = gather(k), gather(v)
+    def from_mb(y: torch.Tensor) -> torch.Tensor:  # [n, BH, b, D] -> [B, H, T, D]
+        y = y.transpose(0, 1).reshape(BH, n * b, -1)
+        y = y[:, :T] if layout.regular else y[:, layout.where]
+        return y.reshape(B, H, T, -1)
+
+    kc, vc = to_mb(k), to_mb(v)
     # The in-mini-batch maps (padding sits after each row's last real token, so by causality it never reaches a
     # real one): `C = A[..., 0, :]` are the coefficients of the entering blocks in W_t, `R = L[..., 0, :]` those
     # of the gradients.
-    A, L = memory.transition({nm: gather(g) for nm, g in gates.items()})  # [B, H, n, b, m, m], [B, H, n, b, m, b]
-    C, R = A[..., 0, :], L[..., 0, :]
-
-    # End of each mini-batch (row of its last real token).
+    A, L = memory.transition({nm: to_mb(g) for nm, g in gates.items()})  # [n, BH, b, m, m], [n, BH, b, m, b]
     last = torch.tensor(layout.length, device=k.device) - 1
     ar = torch.arange(n, device=k.device)
-    A_end, L_end = A[:, :, ar, last], L[:, :, ar, last]  # [B, H, n, m, m], [B, H, n, m, b]
+    A_end, L_end = A[ar, :, last], L[ar, :, last]  # [n, BH, m, m], [n, BH, m, b]
 
-    # Unbind once: indexing `x[:, :, i]` in the loop would make autograd allocate a full-size zero gradient
-    # per mini-batch (select_backward), O(n^2) memory traffic in the backward.
-    k_i, v_i, A_i, L_i = kc.unbind(2), vc.unbind(2), A_end.unbind(2), L_end.unbind(2)
-    # the gradients need k through the first layer: share the matmul with q
-    merge = memory.error_needs_forward or "W1" in wk
+    def stacked(st: State) -> list[torch.Tensor]:
+        return [torch.cat([st[key] for key in memory.blocks(nm)], dim=-2).reshape(BH, -1, st[nm].shape[-1])
+                for nm in wk]
+
+    x = C = R = gamma = hc = As = Ls = None
     if q is not None:
-        xc = gather(q) * scale
-        RKX_i = (R * (xc @ kc.transpose(-1, -2))).unbind(2)  # state-independent: one batched product
-        R_i, C_i, x_i = R.unbind(2), C.unbind(2), xc.unbind(2)
-        kx_i = torch.cat([kc, xc], dim=-2).unbind(2) if merge else None
-    snap_at: dict[int, list[tuple[int, int]]] = {}  # mini-batch -> [(slot in the output, row)]
+        x, C, R = to_mb(q) * scale, A[..., 0, :], L[..., 0, :]
+        if mix is not None:
+            gamma, hc = to_mb(mix.gamma_on), to_mb(mix.hidden_cached)
+    snap_at: dict[int, list[int]] = {}
     if len(positions):
-        flat = layout.where[torch.as_tensor(list(positions), dtype=torch.long, device=k.device) - 1].tolist()
-        for e, fl in enumerate(flat):
-            snap_at.setdefault(fl // b, []).append((e, fl % b))
-
-    def stacked(st: State) -> dict[str, torch.Tensor]:
-        return {nm: torch.cat([st[key] for key in memory.blocks(nm)], dim=-2) for nm in wk}
-
+        flat = layout.where[torch.as_tensor(list(positions), dtype=torch.long, device=k.device) - 1]
+        i_s, r_s = flat // b, flat % b
+        As, Ls = A[i_s, :, r_s, :1], L[i_s, :, r_s, :1]  # [S, BH, 1, m], [S, BH, 1, b]
+        for s, i in enumerate(i_s.tolist()):
+            snap_at.setdefault(i, []).append(s)
     M0 = {nm: params[nm].to(dt).unsqueeze(0).expand(B, *params[nm].shape) for nm in wk}
-    X0 = stacked(memory.with_extras(M0))
-    rows = {nm: M0[nm].shape[-2] for nm in wk}
-
-    def w_block(X: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {nm: X[nm][..., : rows[nm], :] for nm in wk}
-
-    X = stacked(initial)
-    Wmb, mb_is_in = {nm: initial[nm + "_mb"] for nm in wk}, False
-    outs, snap_list = [], [None] * len(positions)
-    if mix is not None:
-        mix.prepare(layout.idx)
-    for i in range(n):
-        if layout.reset[i]:
-            X, mb_is_in = X0, True
-        elif layout.new[i]:
-            mb_is_in = True
-        if mb_is_in:
-            Wmb = w_block(X)
-        kW = xX = None
-        if q is not None and merge and mb_is_in:
-            first = wk[-1]  # "W2" or "W"
-            kxX = kx_i[i] @ X[first].transpose(-1, -2)  # [B, H, 2b, m·r]
-            kW, xX = kxX[..., :b, : rows[first]], kxX[..., b:, :]
-        f = grad_factors(memory, Wmb, k_i[i], v_i[i], kW)
-        if q is not None:
-            outs.append(_read_mini_batch(X, f, x_i[i], R_i[i], RKX_i[i], C_i[i], xX, mix, i))
-        for e, r in snap_at.get(i, ()):
-            snap_list[e] = _advance(X, f, k_i[i], A[:, :, i, r, :1], L[:, :, i, r, :1])
-        X = _advance(X, f, k_i[i], A_i[i], L_i[i])
-        mb_is_in = False
+    plan = _Plan(
+        memory=memory, wk=wk, fresh=[bool(x_) or bool(r) for x_, r in zip(layout.new, layout.reset, strict=True)],
+        reset=list(layout.reset), snap_at=snap_at, n_snaps=len(positions), reads=q is not None, mix=mix is not None,
+    )
+    out = _Scan.apply(
+        plan, kc, vc, A_end, L_end, x, C, R, gamma, hc, As, Ls, *stacked(initial),
+        *[initial[nm + "_mb"].reshape(BH, *initial[nm].shape[2:]) for nm in wk],
+        *(stacked(memory.with_extras(M0)) if any(layout.reset) else ()),
+    )
+    nw = len(wk)
     final = {}
-    for nm in wk:
-        parts = X[nm].split(rows[nm], dim=-2)
-        final.update(zip(memory.blocks(nm), parts))
-        final[nm + "_mb"] = Wmb[nm]  # the start of the last token's mini-batch (what `step` keeps)
-
+    for w, nm in enumerate(wk):
+        r, c = M0[nm].shape[-2:]
+        final.update(zip(memory.blocks(nm), out[w].view(B, H, -1, c).split(r, dim=-2), strict=True))
+        final[nm + "_mb"] = out[nw + w].view(B, H, r, c)  # what `step` keeps
+    pos = 2 * nw
     o = None
     if q is not None:
-        o = torch.stack(outs, dim=2).reshape(B, H, n * b, -1)
-        o = o[:, :, :T] if layout.regular else o[:, :, layout.where]
+        y = out[pos]
+        if "W" in wk or mix is None:
+            o = from_mb(y if "W" in wk else x + y)
+        else:  # Memory Soup: the online W1_t z_t is mixed with the cached weights (`SoupMix`)
+            o = mix.output(from_mb(x), from_mb(out[pos + 1]), from_mb(y))
+        pos += 1 + (mix is not None)
     snaps = None
     if len(positions):
-        snaps = {nm: torch.stack([sn[nm] for sn in snap_list], dim=2) for nm in wk}
+        snaps = {nm: out[pos + w].view(len(positions), B, H, *M0[nm].shape[-2:]).permute(1, 2, 0, 3, 4).contiguous()
+                 for w, nm in enumerate(wk)}
     return o, snaps, final

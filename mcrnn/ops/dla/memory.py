@@ -18,6 +18,9 @@ class DLAMemory(DeepMemory):
     def error(self, f, v):
         return -v
 
+    def error_vjp(self, de):
+        return None, -de
+
     def update(self, state, grads, gates):
         a, theta = gates["decay"][..., None, None], gates["lr"][..., None, None]
         return {n: a * state[n] - theta * g for n, g in grads.items()}

@@ -28,6 +28,9 @@ class TitansMemory(DeepMemory):
     def error(self, f, v):
         return f - v
 
+    def error_vjp(self, de):
+        return de, -de
+
     def update(self, state, grads, gates):
         eta, theta = gates["momentum"][..., None, None], gates["lr"][..., None, None]
         keep = (1.0 - gates["forget"])[..., None, None]
