@@ -15,6 +15,7 @@ weights are ever built. See docs/deep_memories.md.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -106,8 +107,8 @@ def _add(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
 def _factors(memory: DeepMemory, W: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> dict:
     """The rank-one factors of one mini-batch's gradients at `W` (`[BH, r, c]`): `k: [BH, b, K]`, `v: [BH, b, V]`.
 
-    Returns `e = dℓ/df` and, for the MLP, `h = W2 k`, `a = gelu(h)`, `p = W1ᵀ e` and `g = p ⊙ gelu'(h)`:
-    `∇W1 = e aᵀ`, `∇W2 = g kᵀ` (depth 1: `∇W = e kᵀ`, with `f = W k` when the error needs it)."""
+    Returns `e = dℓ/df` and, for the MLP, `h = W2 k`, `a = gelu(h)`, `s = gelu'(h)`, `p = W1ᵀ e` and
+    `g = p ⊙ s`: `∇W1 = e aᵀ`, `∇W2 = g kᵀ` (depth 1: `∇W = e kᵀ`, with `f = W k` when the error needs it)."""
     if "W" in W:
         f = torch.bmm(k, W["W"].transpose(1, 2)) if memory.error_needs_forward else None
         return {"e": memory.error(f, v)}
@@ -117,7 +118,8 @@ def _factors(memory: DeepMemory, W: dict[str, torch.Tensor], k: torch.Tensor, v:
     f = torch.baddbmm(k, a, W1.transpose(1, 2)) if memory.error_needs_forward else None
     e = memory.error(f, v)
     p = torch.bmm(e, W1)
-    return {"h": h, "a": a, "e": e, "p": p, "g": gelu_vjp(p, h)}
+    slope = gelu_vjp(torch.ones_like(h), h)
+    return {"h": h, "a": a, "s": slope, "e": e, "p": p, "g": p * slope}
 
 
 def _rank_one(fac: dict, k: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -155,12 +157,12 @@ def _factors_backward(
             _add_outer(dW, "W", df, k)
         return dk, dv
     W1, W2 = W["W1"], W["W2"]
-    h, a, e, p = fac["h"], fac["a"], fac["e"], fac["p"]
+    h, a, slope, e, p = fac["h"], fac["a"], fac["s"], fac["e"], fac["p"]
     da, dg = dfac["a"], dfac["g"]
     dh = None
     if dg is not None:  # g = p ⊙ gelu'(h), p = W1ᵀ e
-        dp = gelu_vjp(dg, h)
-        dh = dg * p * _gelu_second(h)
+        dp = dg * slope
+        dh = _gelu_second(h).mul_(p).mul_(dg)
         de = torch.baddbmm(de, dp, W1.transpose(1, 2))
         _add_outer(dW, "W1", e, dp)
     df, dv = memory.error_vjp(de)
@@ -169,7 +171,7 @@ def _factors_backward(
         da = torch.baddbmm(da, df, W1) if da is not None else torch.bmm(df, W1)
         _add_outer(dW, "W1", df, a)
     if da is not None:  # a = gelu(h)
-        dh = _add(dh, gelu_vjp(da, h))
+        dh = torch.addcmul(dh, da, slope) if dh is not None else da * slope
     if dh is not None:  # h = W2 k
         dk = torch.baddbmm(dk, dh, W2) if dk is not None else torch.bmm(dh, W2)
         _add_outer(dW, "W2", dh, k)
@@ -177,10 +179,8 @@ def _factors_backward(
 
 
 def _scaled_left(L: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
-    """`lw[p, r, j] = L_pj left_j[r]`: `L: [BH, p, b]`, `left: [BH, b, r]` -> `[BH, p·r, b]`, contiguous."""
-    BH, p, b = L.shape
-    out = torch.empty(BH, p, left.shape[-1], b, dtype=left.dtype, device=left.device)
-    return torch.mul(L.unsqueeze(2), left.transpose(1, 2).unsqueeze(1), out=out).view(BH, -1, b)
+    """`lw[j, p, r] = L_pj left_j[r]`: `L: [BH, p, b]`, `left: [BH, b, r]` -> `[BH, b, p·r]` (contiguous)."""
+    return (L.transpose(1, 2).unsqueeze(-1) * left.unsqueeze(2)).flatten(2)
 
 
 def _advance(X: torch.Tensor, left: torch.Tensor, right: torch.Tensor, A: torch.Tensor, L: torch.Tensor):
@@ -188,7 +188,21 @@ def _advance(X: torch.Tensor, left: torch.Tensor, right: torch.Tensor, A: torch.
     `A: [BH, p, m]`, `L: [BH, p, b]`, out `[BH, p·r, c]`): one block-mix `bmm` and one rank-b `baddbmm`."""
     BH, _, m = A.shape
     out = torch.bmm(A, X.view(BH, m, -1)).view(BH, -1, X.shape[-1])
-    return out.baddbmm_(_scaled_left(L, left), right, alpha=-1.0)
+    out.baddbmm_(_scaled_left(L, left).transpose(1, 2), right, alpha=-1.0)
+    return _flush(out)
+
+
+def _flush(x: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, the entries of a carried state (or of its gradient) below `sqrt(tiny)` of the dtype
+    (1.1e-19 in float32, 1.5e-154 in float64), so that no product of two of them is subnormal.
+
+    A memory that forgets decays towards zero, and so does the gradient flowing back to early mini-batches;
+    on x86 every operation on subnormal floats takes a microcode assist, ~50-100x slower (one such run took
+    68 s instead of 1.5 s). Flush-to-zero is a per-thread CPU mode that the worker threads of an op do not
+    share, so the scan flushes the two chains itself. In float32 an entry below 1e-19 is 1e-12 times smaller
+    than float32's resolution of any O(1) quantity it is added to; the backward normalises its incoming
+    gradients to O(1) first (see `_Scan.backward`), so this holds for gradients of any scale."""
+    return torch.hardshrink(x, math.sqrt(torch.finfo(x.dtype).tiny), out=x)
 
 
 def _advance_backward(dout: torch.Tensor, X: torch.Tensor, left, right, A: torch.Tensor, L: torch.Tensor):
@@ -197,7 +211,7 @@ def _advance_backward(dout: torch.Tensor, X: torch.Tensor, left, right, A: torch
     b = L.shape[-1]
     dX = torch.bmm(A.transpose(1, 2), dout.view(BH, p, -1)).view_as(X)
     dA = torch.bmm(dout.view(BH, p, -1), X.view(BH, m, -1).transpose(1, 2))
-    d_right = torch.bmm(_scaled_left(L, left).transpose(1, 2), dout).neg_()
+    d_right = torch.bmm(_scaled_left(L, left), dout).neg_()
     d_lw = torch.bmm(dout, right.transpose(1, 2)).neg_().view(BH, p, -1, b)  # [BH, p, r, b]
     d_left = (d_lw * L.unsqueeze(2)).sum(1).transpose(1, 2)
     dL = (d_lw * left.transpose(1, 2).unsqueeze(1)).sum(2)
@@ -282,16 +296,23 @@ class _Scan(torch.autograd.Function):
         X, Wmb, X0 = list(states[:nw]), list(states[nw : 2 * nw]), states[2 * nw :]
         n = k.shape[0]
         rows = [W.shape[-2] for W in Wmb]
-        Xs, facs, reads = [], [], []
-        y_out, z_out = [], []
+        # Only every `every`-th entering state is kept (and the states entering the others are recomputed from
+        # it in the backward, one segment at a time): the state is the large tensor, so this keeps the memory at
+        # O((n / every + every) · state) instead of O(n · state), and the allocations few and reused.
+        every = max(1, math.isqrt(n))
+        checkpoints, carried = {}, {}
+        facs, reads, y_out, z_out = [], [], [], []
         snaps = [[None] * plan.n_snaps for _ in range(nw)]
         for i in range(n):
             if plan.reset[i]:
                 X = list(X0)
+            if i % every == 0:
+                checkpoints[i] = X
             if plan.fresh[i]:
                 Wmb = [X[w][:, : rows[w]] for w in range(nw)]
+            else:
+                carried[i] = Wmb
             fac = _factors(memory, dict(zip(wk, Wmb, strict=True)), k[i], v[i])
-            Xs.append(X)
             facs.append(fac)
             St = dict(zip(wk, X, strict=True))
             if plan.reads:
@@ -313,9 +334,10 @@ class _Scan(torch.autograd.Function):
             if i + 1 < n and plan.reset[i + 1]:
                 continue  # the state is dropped: the next mini-batch starts from M_0
             X = [_advance(X[w], *pairs[nm], A[i], L[i]) for w, nm in enumerate(wk)]
-        ctx.plan, ctx.Xs, ctx.facs, ctx.reads = plan, Xs, facs, reads
+        ctx.plan, ctx.every, ctx.checkpoints, ctx.carried, ctx.facs, ctx.reads = (
+            plan, every, checkpoints, carried, facs, reads)
         ctx.rows, ctx.n_states = rows, len(states)
-        ctx.save_for_backward(k, v, A, L, x, C, R, gamma, hc, As, Ls, *states[nw : 2 * nw])
+        ctx.save_for_backward(k, v, A, L, x, C, R, gamma, hc, As, Ls, *states[2 * nw :])
         ctx.set_materialize_grads(False)
         out = [*X, *[w.clone() for w in Wmb]]
         if plan.reads:
@@ -329,10 +351,10 @@ class _Scan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        plan, Xs, facs, reads, rows = ctx.plan, ctx.Xs, ctx.facs, ctx.reads, ctx.rows
+        plan, facs, reads, rows = ctx.plan, ctx.facs, ctx.reads, ctx.rows
         memory, wk = plan.memory, plan.wk
         nw = len(wk)
-        k, v, A, L, x, C, R, gamma, hc, As, Ls, *Wmb_init = ctx.saved_tensors
+        k, v, A, L, x, C, R, gamma, hc, As, Ls, *X0 = ctx.saved_tensors
         d_out, d_mb = list(grads[:nw]), list(grads[nw : 2 * nw])
         pos = 2 * nw
         dy_all = dz_all = None
@@ -341,6 +363,13 @@ class _Scan(torch.autograd.Function):
             if plan.mix:
                 dz_all, pos = grads[pos], pos + 1
         d_snaps = grads[pos : pos + nw] if plan.n_snaps else [None] * nw
+        # The backward is linear in the incoming gradients: run it on them divided by a power of two near their
+        # largest entry (exact), so that `_flush` is relative to the gradients' scale, and scale back at the end.
+        scale = _power_of_two_scale([*d_out, *d_mb, dy_all, dz_all, *d_snaps])
+        if scale != 1.0:
+            unit = lambda t: t * (1.0 / scale) if t is not None else None  # noqa: E731
+            d_out, d_mb, d_snaps = [unit(t) for t in d_out], [unit(t) for t in d_mb], [unit(t) for t in d_snaps]
+            dy_all, dz_all = unit(dy_all), unit(dz_all)
         zeros = lambda t, on=True: torch.zeros_like(t) if on and t is not None else None  # noqa: E731
         dk, dv, dA, dL = zeros(k), zeros(v), zeros(A), zeros(L)
         dx, dC, dR = zeros(x, plan.reads), zeros(C, plan.reads), zeros(R, plan.reads)
@@ -348,10 +377,21 @@ class _Scan(torch.autograd.Function):
         dAs, dLs = zeros(As), zeros(Ls)
         dX0 = [None] * (ctx.n_states - 2 * nw)
         dX_init = [None] * nw
-        for i in reversed(range(k.shape[0])):
-            X, fac = Xs[i], facs[i]
+        n = k.shape[0]
+        entering: dict[int, list[torch.Tensor]] = {}
+        for i in reversed(range(n)):
+            if i not in entering:  # recompute the states entering this segment of mini-batches
+                start = i - i % ctx.every
+                entering = {start: ctx.checkpoints[start]}
+                for j in range(start, i):
+                    if plan.reset[j + 1]:
+                        entering[j + 1] = list(X0)
+                    else:
+                        pairs = _rank_one(facs[j], k[j])
+                        entering[j + 1] = [_advance(entering[j][w], *pairs[nm], A[j], L[j]) for w, nm in enumerate(wk)]
+            X, fac = entering.pop(i), facs[i]
             g = _MiniBatchGrads(wk, X, _rank_one(fac, k[i]))
-            dropped = i + 1 < k.shape[0] and plan.reset[i + 1]
+            dropped = i + 1 < n and plan.reset[i + 1]
             for w in range(nw):
                 if not dropped and d_out[w] is not None:
                     dA_, dL_ = g.advance(w, d_out[w], A[i], L[i])
@@ -388,7 +428,7 @@ class _Scan(torch.autograd.Function):
                     dC[i], dR[i] = dC1 + dC2, dR1 + dR2
                 g.add("k", dki)
             # the factors, at the mini-batch's gradient point
-            Wmb = _gradient_point(Xs, Wmb_init, plan.fresh, i, rows)
+            Wmb = [X[w][:, : rows[w]] for w in range(nw)] if plan.fresh[i] else ctx.carried[i]
             dW = {nm: (d.clone() if d is not None else None) for nm, d in zip(wk, d_mb, strict=True)}
             dk_f, dv[i] = _factors_backward(memory, dict(zip(wk, Wmb, strict=True)), k[i], fac, g.dfac, dW)
             g.add("k", dk_f)
@@ -403,6 +443,7 @@ class _Scan(torch.autograd.Function):
                 d_mb = [None] * nw
             else:
                 d_mb = [dW[nm] for nm in wk]
+            g.dX = [_flush(d) if d is not None else None for d in g.dX]
             if plan.reset[i]:
                 dX0 = [_add(a, b) for a, b in zip(dX0, g.dX, strict=True)]
                 d_out = [None] * nw
@@ -411,7 +452,18 @@ class _Scan(torch.autograd.Function):
             else:
                 d_out = g.dX
         d_Wmb_init = d_mb if not plan.fresh[0] else [None] * nw
-        return (None, dk, dv, dA, dL, dx, dC, dR, dgamma, dhc, dAs, dLs, *dX_init, *d_Wmb_init, *dX0)
+        out = (dk, dv, dA, dL, dx, dC, dR, dgamma, dhc, dAs, dLs, *dX_init, *d_Wmb_init, *dX0)
+        if scale != 1.0:
+            out = tuple(t.mul_(scale) if t is not None else None for t in out)
+        return (None, *out)
+
+
+def _power_of_two_scale(grads: list[torch.Tensor | None]) -> float:
+    """`2^floor(log2(max |g|))` over the given gradients; 1 when they are all zero (or not finite)."""
+    peak = max((float(t.abs().amax()) for t in grads if t is not None and t.numel()), default=0.0)
+    if not 0.0 < peak < math.inf:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(peak))
 
 
 class _MiniBatchGrads:
@@ -434,14 +486,6 @@ class _MiniBatchGrads:
         self.add("g" if nm == "W2" else "e", d_left)  # ∇W2 = g kᵀ, ∇W1 = e aᵀ, ∇W = e kᵀ
         self.add("a" if nm == "W1" else "k", d_right)
         return dA, dL
-
-
-def _gradient_point(Xs, Wmb_init, fresh, i: int, rows) -> list[torch.Tensor]:
-    """The gradient point of a mini-batch that continues the previous one's (only the first of a call does)."""
-    j = i
-    while j >= 0 and not fresh[j]:
-        j -= 1
-    return list(Wmb_init) if j < 0 else [Xs[j][w][:, : rows[w]] for w in range(len(rows))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -511,11 +555,10 @@ def deep_scan(
         memory=memory, wk=wk, fresh=[bool(x_) or bool(r) for x_, r in zip(layout.new, layout.reset, strict=True)],
         reset=list(layout.reset), snap_at=snap_at, n_snaps=len(positions), reads=q is not None, mix=mix is not None,
     )
-    out = _Scan.apply(
-        plan, kc, vc, A_end, L_end, x, C, R, gamma, hc, As, Ls, *stacked(initial),
-        *[initial[nm + "_mb"].reshape(BH, *initial[nm].shape[2:]) for nm in wk],
-        *(stacked(memory.with_extras(M0)) if any(layout.reset) else ()),
-    )
+    inputs = [kc, vc, A_end, L_end, x, C, R, gamma, hc, As, Ls, *stacked(initial),
+              *[initial[nm + "_mb"].reshape(BH, *initial[nm].shape[2:]) for nm in wk],
+              *(stacked(memory.with_extras(M0)) if any(layout.reset) else ())]
+    out = _Scan.apply(plan, *inputs)
     nw = len(wk)
     final = {}
     for w, nm in enumerate(wk):
