@@ -12,9 +12,10 @@ Depth comes from `params` (`{"W"}` or `{"W1", "W2"}`), so `readable_keys` lists 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from mcrnn.ops.deep.checks import check_mini_batch, check_params
-from mcrnn.ops.deep.mlp import gelu, mlp_read, token_gradient, weight_keys
+from mcrnn.ops.deep.mlp import gelu, gelu_vjp, mlp_read, token_gradient, weight_keys
 from mcrnn.ops.deep.scan import deep_scan, mini_batch_layout
 from mcrnn.ops.memory import Memory, State
 from mcrnn.ops.utils import weighted_matmul
@@ -196,6 +197,20 @@ class DeepMemory(Memory):
         h = torch.einsum("bhnek,bhtk->bhtne", cache["W2"], x)
         return x.unsqueeze(3) + torch.einsum("bhnve,bhtne->bhtnv", cache["W1"], gelu(h))
 
+    def read_weighted(self, cache, weights, q, scale):
+        """`Σ_n w_n f_{W_n}(x)`, `x = scale · q`: cache `[B, H, N, ...]`, weights `[B, H, t, N]`, `q: [B, H, t, K]`
+        -> `[B, H, t, V]` (GRM's reads). Two GEMMs over the stacked caches, no `[t, N, V]` intermediate; the
+        hidden `[t, N·E]` activations are recomputed in the backward instead of stored (:class:`_WeightedMLP`)."""
+        x = q * scale
+        B, H, N = weights.shape[0], weights.shape[1], weights.shape[-1]
+        if "W" in cache:  # depth 1: linear in the weights
+            W = cache["W"]
+            return weighted_matmul(weights, x, W.transpose(-1, -2).reshape(B, H, N * W.shape[-1], W.shape[-2]))
+        W1, W2 = cache["W1"], cache["W2"]  # [B, H, N, V, E], [B, H, N, E, K]
+        W2s = W2.permute(0, 1, 4, 2, 3).reshape(B, H, W2.shape[-1], N * W2.shape[-2])  # [K, N·E]
+        W1s = W1.transpose(-1, -2).reshape(B, H, N * W1.shape[-1], W1.shape[-2])  # [N·E, V]
+        return _WeightedMLP.apply(weights, x, W2s, W1s)
+
     def read_groups(self, states, q, scale):
         """states `[G, ...]`, `q: [G, m, K]` -> `[G, m, V]`."""
         x = q * scale
@@ -217,6 +232,51 @@ class DeepMemory(Memory):
             self, q, k, v, self.fill_gates(gates, k[..., 0]), params=P, initial=initial, layout=layout,
             positions=positions, scale=scale, mix=mix,
         )
+
+
+class _WeightedMLP(torch.autograd.Function):
+    """`y_t = (Σ_n w_tn) x_t + Σ_n w_tn W1_n gelu(W2_n x_t)`: `w: [*, t, N]`, `x: [*, t, K]`,
+    `W2s = [W2_1ᵀ, ..., W2_Nᵀ]: [*, K, N·E]`, `W1s = [W1_1ᵀ; ...; W1_Nᵀ]: [*, N·E, V]` -> `[*, t, V]`.
+
+    Per chunk of tokens, `h = x W2s` for all caches in one GEMM, then `(w ⊗ 1_E) ⊙ gelu(h)` times `W1s` in one
+    GEMM. The chunks keep the hidden activations (`[chunk, N·E]`, the largest tensors) cache-sized: on CPU the
+    elementwise passes over them cost as much as the GEMMs. The backward recomputes them instead of storing."""
+
+    @staticmethod
+    def forward(ctx, w, x, W2s, W1s):
+        ctx.save_for_backward(w, x, W2s, W1s)
+        N = w.shape[-1]
+        out = []
+        for w_c, x_c in zip(*_token_chunks(w, x, W2s), strict=True):
+            u = (gelu(x_c @ W2s).unflatten(-1, (N, -1)) * w_c.unsqueeze(-1)).flatten(-2)
+            out.append(torch.addcmul(u @ W1s, w_c.sum(-1, keepdim=True), x_c))
+        return torch.cat(out, dim=-2) if len(out) > 1 else out[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        w, x, W2s, W1s = ctx.saved_tensors
+        N = w.shape[-1]
+        dW1s, dW2s = torch.zeros_like(W1s), torch.zeros_like(W2s)
+        dws, dxs = [], []
+        for w_c, x_c, dy_c in zip(*_token_chunks(w, x, W2s, dy), strict=True):
+            h = x_c @ W2s
+            a = gelu(h).unflatten(-1, (N, -1))  # [*, c, N, E]
+            du = (dy_c @ W1s.transpose(-1, -2)).unflatten(-1, (N, -1))
+            dW1s += (a * w_c.unsqueeze(-1)).flatten(-2).transpose(-1, -2) @ dy_c
+            dws.append((du * a).sum(-1) + (dy_c * x_c).sum(-1, keepdim=True))
+            dh = gelu_vjp((du * w_c.unsqueeze(-1)).flatten(-2), h)
+            dxs.append(torch.addcmul(dh @ W2s.transpose(-1, -2), w_c.sum(-1, keepdim=True), dy_c))
+            dW2s += x_c.transpose(-1, -2) @ dh
+        return torch.cat(dws, dim=-2), torch.cat(dxs, dim=-2), dW2s, dW1s
+
+
+def _token_chunks(w: torch.Tensor, x: torch.Tensor, W2s: torch.Tensor, *more: torch.Tensor) -> list:
+    """Split `w, x, *more` (`[*, t, ·]`) along the tokens so that one chunk's hidden activations `[*, c, N·E]`
+    stay within about 4 MiB (and at least 16 tokens)."""
+    per_token = W2s[..., 0, :].numel() * W2s.element_size()
+    c = max(16, (1 << 22) // max(per_token, 1))
+    return [t.split(c, dim=-2) for t in (w, x, *more)]
 
 
 class SoupMix:

@@ -104,16 +104,21 @@ def _add(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
     return x if y is None else x + y
 
 
-def _factors(memory: DeepMemory, W: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> dict:
+def _factors(
+    memory: DeepMemory, W: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor, kW: torch.Tensor | None = None
+) -> dict:
     """The rank-one factors of one mini-batch's gradients at `W` (`[BH, r, c]`): `k: [BH, b, K]`, `v: [BH, b, V]`.
 
     Returns `e = dℓ/df` and, for the MLP, `h = W2 k`, `a = gelu(h)`, `s = gelu'(h)`, `p = W1ᵀ e` and
-    `g = p ⊙ s`: `∇W1 = e aᵀ`, `∇W2 = g kᵀ` (depth 1: `∇W = e kᵀ`, with `f = W k` when the error needs it)."""
+    `g = p ⊙ s`: `∇W1 = e aᵀ`, `∇W2 = g kᵀ` (depth 1: `∇W = e kᵀ`, with `f = W k` when the error needs it).
+    `kW`: `k` times the first layer (`W2` or `W`) transposed, when the caller has it."""
     if "W" in W:
-        f = torch.bmm(k, W["W"].transpose(1, 2)) if memory.error_needs_forward else None
+        f = None
+        if memory.error_needs_forward:
+            f = kW if kW is not None else torch.bmm(k, W["W"].transpose(1, 2))
         return {"e": memory.error(f, v)}
     W1, W2 = W["W1"], W["W2"]
-    h = torch.bmm(k, W2.transpose(1, 2))
+    h = kW if kW is not None else torch.bmm(k, W2.transpose(1, 2))
     a = gelu(h)
     f = torch.baddbmm(k, a, W1.transpose(1, 2)) if memory.error_needs_forward else None
     e = memory.error(f, v)
@@ -218,24 +223,22 @@ def _advance_backward(dout: torch.Tensor, X: torch.Tensor, left, right, A: torch
     return dX, d_left, d_right, dA, dL
 
 
-def _blocks_times(X: torch.Tensor, C: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`Σ_m C_m (X_m y)` per token: `X: [BH, m·r, c]`, `C: [BH, b, m]`, `y: [BH, b, c]` -> `[BH, b, r]`."""
-    yX = torch.bmm(y, X.transpose(1, 2))  # [BH, b, m·r]: every block at once
-    m = C.shape[-1]
-    return yX * C if m == 1 else (yX.unflatten(-1, (m, -1)) * C.unsqueeze(-1)).sum(-2)
-
-
-def _apply(X, C, y, R, rows, vecs) -> tuple[torch.Tensor, torch.Tensor]:
+def _apply(X, C, y, R, rows, vecs, yX=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`W_t y_t = Σ_m C_tm X_m y_t − Σ_j R_tj (rows_j · y_t) vecs_j` for the tokens of one mini-batch (the
-    weights' gradients are `vecs_j rows_jᵀ`), without building `W_t`. Returns it and `G = y rowsᵀ: [BH, b, b]`."""
+    weights' gradients are `vecs_j rows_jᵀ`), without building `W_t`: `X: [BH, m·r, c]`, `C: [BH, b, m]`,
+    `y: [BH, b, c]`. `yX = y Xᵀ: [BH, b, m·r]` (every block at once) when the caller has it. Returns the result,
+    `yX` and `G = y rowsᵀ: [BH, b, b]` (what the backward needs)."""
+    if yX is None:
+        yX = torch.bmm(y, X.transpose(1, 2))
+    m = C.shape[-1]
+    out = yX * C if m == 1 else (yX.unflatten(-1, (m, -1)) * C.unsqueeze(-1)).sum(-2)
     G = torch.bmm(y, rows.transpose(1, 2))
-    return torch.baddbmm(_blocks_times(X, C, y), R * G, vecs, alpha=-1.0), G
+    return torch.baddbmm(out, R * G, vecs, alpha=-1.0), yX, G
 
 
-def _apply_backward(dout, X, C, y, R, rows, vecs, G, dX):
+def _apply_backward(dout, X, C, y, R, rows, vecs, yX, G, dX):
     """Backward of :func:`_apply`: adds into `dX` in place, returns `(dy, dC, dR, d rows, d vecs)`."""
     BH, b, m = C.shape
-    yX = torch.bmm(y, X.transpose(1, 2))
     if m == 1:
         dC = (yX * dout).sum(-1, keepdim=True)
         dyX = C * dout
@@ -254,6 +257,11 @@ def _apply_backward(dout, X, C, y, R, rows, vecs, G, dX):
 # ----------------------------------------------------------------------------------------------------------
 # the scan over mini-batches: one autograd node with a hand-written backward
 # ----------------------------------------------------------------------------------------------------------
+
+
+#: keep every mini-batch's entering state for the backward up to this size (else keep every ~sqrt(n)-th and
+#: recompute the others): above it memory, below it the recomputation (two passes over the state) costs more
+_KEEP_ALL_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -299,7 +307,10 @@ class _Scan(torch.autograd.Function):
         # Only every `every`-th entering state is kept (and the states entering the others are recomputed from
         # it in the backward, one segment at a time): the state is the large tensor, so this keeps the memory at
         # O((n / every + every) · state) instead of O(n · state), and the allocations few and reused.
-        every = max(1, math.isqrt(n))
+        state_bytes = sum(x_.numel() * x_.element_size() for x_ in X)
+        every = 1 if n * state_bytes <= _KEEP_ALL_BYTES else max(1, math.isqrt(n))
+        merge = memory.error_needs_forward or "W1" in wk  # the factors need k through the first layer
+        b = k.shape[2]
         checkpoints, carried = {}, {}
         facs, reads, y_out, z_out = [], [], [], []
         snaps = [[None] * plan.n_snaps for _ in range(nw)]
@@ -312,19 +323,22 @@ class _Scan(torch.autograd.Function):
                 Wmb = [X[w][:, : rows[w]] for w in range(nw)]
             else:
                 carried[i] = Wmb
-            fac = _factors(memory, dict(zip(wk, Wmb, strict=True)), k[i], v[i])
+            kW = xX = None
+            if plan.reads and plan.fresh[i] and merge:  # keys and queries through the first layer in one product
+                kxX = torch.bmm(torch.cat([k[i], x[i]], dim=1), X[-1].transpose(1, 2))  # [BH, 2b, m·r]
+                kW, xX = kxX[:, :b, : rows[-1]], kxX[:, b:]
+            fac = _factors(memory, dict(zip(wk, Wmb, strict=True)), k[i], v[i], kW)
             facs.append(fac)
-            St = dict(zip(wk, X, strict=True))
             if plan.reads:
                 if "W" in wk:
-                    y, G = _apply(St["W"], C[i], x[i], R[i], k[i], fac["e"])
-                    reads.append({"G": G})
+                    y, xX, G = _apply(X[0], C[i], x[i], R[i], k[i], fac["e"], xX)
+                    reads.append({"xX": xX, "G": G})
                 else:
-                    h, G2 = _apply(St["W2"], C[i], x[i], R[i], k[i], fac["g"])
+                    h, xX, G2 = _apply(X[1], C[i], x[i], R[i], k[i], fac["g"], xX)
                     pre = torch.addcmul(hc[i], gamma[i], h) if plan.mix else h
                     z = gelu(pre)
-                    y, G1 = _apply(St["W1"], C[i], z, R[i], fac["a"], fac["e"])
-                    reads.append({"h": h, "pre": pre, "z": z, "G2": G2, "G1": G1})
+                    y, zX, G1 = _apply(X[0], C[i], z, R[i], fac["a"], fac["e"])
+                    reads.append({"h": h, "pre": pre, "z": z, "xX": xX, "zX": zX, "G2": G2, "G1": G1})
                     z_out.append(z)
                 y_out.append(y)
             pairs = _rank_one(fac, k[i])
@@ -407,12 +421,12 @@ class _Scan(torch.autograd.Function):
                 g.dX = dS
                 if "W" in wk:
                     dx[i], dC[i], dR[i], dki, dei = _apply_backward(
-                        dy_all[i], X[0], C[i], x[i], R[i], k[i], fac["e"], reads[i]["G"], dS[0])
+                        dy_all[i], X[0], C[i], x[i], R[i], k[i], fac["e"], reads[i]["xX"], reads[i]["G"], dS[0])
                     g.add("e", dei)
                 else:
                     rd = reads[i]
                     dz, dC1, dR1, dai, dei = _apply_backward(
-                        dy_all[i], X[0], C[i], rd["z"], R[i], fac["a"], fac["e"], rd["G1"], dS[0])
+                        dy_all[i], X[0], C[i], rd["z"], R[i], fac["a"], fac["e"], rd["zX"], rd["G1"], dS[0])
                     g.add("a", dai)
                     g.add("e", dei)
                     if dz_all is not None:
@@ -423,26 +437,26 @@ class _Scan(torch.autograd.Function):
                         dhc[i] = dpre
                         dpre = dpre * gamma[i]
                     dx[i], dC2, dR2, dki, dgi = _apply_backward(
-                        dpre, X[1], C[i], x[i], R[i], k[i], fac["g"], rd["G2"], dS[1])
+                        dpre, X[1], C[i], x[i], R[i], k[i], fac["g"], rd["xX"], rd["G2"], dS[1])
                     g.add("g", dgi)
                     dC[i], dR[i] = dC1 + dC2, dR1 + dR2
                 g.add("k", dki)
             # the factors, at the mini-batch's gradient point
-            Wmb = [X[w][:, : rows[w]] for w in range(nw)] if plan.fresh[i] else ctx.carried[i]
-            dW = {nm: (d.clone() if d is not None else None) for nm, d in zip(wk, d_mb, strict=True)}
+            if plan.fresh[i]:  # the gradient point is the entering weights: accumulate into their gradient
+                Wmb = [X[w][:, : rows[w]] for w in range(nw)]
+                g.dX = [d if d is not None else torch.zeros_like(X[w]) for w, d in enumerate(g.dX)]
+                dW = {nm: g.dX[w][:, : rows[w]] for w, nm in enumerate(wk)}
+                for w, nm in enumerate(wk):  # the gradient point leaving the last mini-batch (the final `*_mb`)
+                    if d_mb[w] is not None:
+                        dW[nm] += d_mb[w]
+            else:
+                Wmb = ctx.carried[i]
+                dW = {nm: (d.clone() if d is not None else None) for nm, d in zip(wk, d_mb, strict=True)}
             dk_f, dv[i] = _factors_backward(memory, dict(zip(wk, Wmb, strict=True)), k[i], fac, g.dfac, dW)
             g.add("k", dk_f)
             if g.dfac["k"] is not None:
                 dk[i] = g.dfac["k"]
-            if plan.fresh[i]:  # the gradient point is the entering weights
-                for w, nm in enumerate(wk):
-                    if dW[nm] is not None:
-                        if g.dX[w] is None:
-                            g.dX[w] = torch.zeros_like(X[w])
-                        g.dX[w][:, : rows[w]] += dW[nm]
-                d_mb = [None] * nw
-            else:
-                d_mb = [dW[nm] for nm in wk]
+            d_mb = [None] * nw if plan.fresh[i] else [dW[nm] for nm in wk]
             g.dX = [_flush(d) if d is not None else None for d in g.dX]
             if plan.reset[i]:
                 dX0 = [_add(a, b) for a, b in zip(dX0, g.dX, strict=True)]
