@@ -182,7 +182,7 @@ class DeepMemory(Memory):
         g = self.fill_gates(gates, k[..., 0])
         wk = weight_keys(state)
         W_mb = {n: state[n] if seg_pos % mini_batch == 0 else state[n + "_mb"] for n in wk}
-        new = self.update(state, token_gradient(W_mb, k, v, self.error), g)
+        new = self.update(state, token_gradient(W_mb, k, v, self.error, self.error_needs_forward), g)
         new.update({n + "_mb": W_mb[n] for n in wk})
         return new
 

@@ -36,17 +36,19 @@ def mlp_read(W: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 def token_gradient(
     W: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-    error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    error: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor], needs_forward: bool = True,
 ) -> dict[str, torch.Tensor]:
     """`∇_W ℓ(W; k, v)` of one token, written out by the chain rule: `k: [*L, K]`, `v: [*L, V]`, weights `[*L, ...]`.
 
-    `error(f, v)` is `e = dℓ/df` at `f = f_W(k)`. Then `∇W = e kᵀ` (depth 1), or `∇W1 = e aᵀ` and
-    `∇W2 = ((W1ᵀ e) ⊙ gelu'(h)) kᵀ` with `h = W2 k`, `a = gelu(h)`: full `[*L, ...]` matrices, like the weights."""
+    `error(f, v)` is `e = dℓ/df` at `f = f_W(k)` (`f` is None when not `needs_forward`: the error does not
+    depend on it). Then `∇W = e kᵀ` (depth 1), or `∇W1 = e aᵀ` and `∇W2 = ((W1ᵀ e) ⊙ gelu'(h)) kᵀ` with
+    `h = W2 k`, `a = gelu(h)`: full `[*L, ...]` matrices, like the weights."""
+    col, row = k.unsqueeze(-1), k.unsqueeze(-2)  # k as a column and as a row
     if "W" in W:
-        e = error((W["W"] @ k.unsqueeze(-1)).squeeze(-1), v)
-        return {"W": e.unsqueeze(-1) * k.unsqueeze(-2)}
-    h = (W["W2"] @ k.unsqueeze(-1)).squeeze(-1)
+        e = error((W["W"] @ col).squeeze(-1) if needs_forward else None, v)
+        return {"W": e.unsqueeze(-1) @ row}
+    h = (W["W2"] @ col).squeeze(-1)
     a = gelu(h)
-    e = error(k + (W["W1"] @ a.unsqueeze(-1)).squeeze(-1), v)
-    dh = gelu_vjp((W["W1"].transpose(-1, -2) @ e.unsqueeze(-1)).squeeze(-1), h)
-    return {"W1": e.unsqueeze(-1) * a.unsqueeze(-2), "W2": dh.unsqueeze(-1) * k.unsqueeze(-2)}
+    e = error(k + (W["W1"] @ a.unsqueeze(-1)).squeeze(-1) if needs_forward else None, v)
+    dh = gelu_vjp((e.unsqueeze(-2) @ W["W1"]).squeeze(-2), h)  # (W1ᵀ e) ⊙ gelu'(h)
+    return {"W1": e.unsqueeze(-1) @ a.unsqueeze(-2), "W2": dh.unsqueeze(-1) @ row}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from mcrnn.ops.deep.memory import DeepMemory
 from mcrnn.ops.deep.scan import segprod
 from mcrnn.ops.memory import Gate
@@ -23,7 +25,7 @@ class DLAMemory(DeepMemory):
 
     def update(self, state, grads, gates):
         a, theta = gates["decay"][..., None, None], gates["lr"][..., None, None]
-        return {n: a * state[n] - theta * g for n, g in grads.items()}
+        return {n: torch.addcmul(a * state[n], theta, g, value=-1.0) for n, g in grads.items()}
 
     def transition(self, gates):
         """`W_t = (Π_{i<=t} a_i) W_in − Σ_{j<=t} θ_j (Π_{j<i<=t} a_i) ∇_j`: one block (`m = 1`)."""

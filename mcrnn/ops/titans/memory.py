@@ -37,8 +37,8 @@ class TitansMemory(DeepMemory):
         new = {}
         for n, g in grads.items():
             m = MOMENTUM[n]
-            new[m] = eta * state[m] - theta * g
-            new[n] = keep * state[n] + new[m]
+            new[m] = torch.addcmul(eta * state[m], theta, g, value=-1.0)
+            new[n] = torch.addcmul(new[m], keep, state[n])
         return new
 
     def blocks(self, weight):
