@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mcrnn.ops.deep.scan as deep_scan_module
 from mcrnn.ops import get_memory
 from mcrnn.ops.dla import chunk_dla, naive_dla
 from mcrnn.ops.dla.memory import DLAMemory
@@ -280,6 +281,16 @@ def test_memory_scan_matches_step_loop(kind, depth, segment_starts, resets, posi
     # no q: only states
     o3, _, fin3 = mem.scan(None, xh["k"], xh["v"], gh, mini_batch=mb, **kw)
     assert o3 is None and all(rel(fin3[n], fin1[n]) < 1e-10 for n in fin1)
+
+
+@pytest.mark.parametrize("kind", ["dla", "titans"])
+def test_recomputed_states(monkeypatch, kind):
+    """Past a memory budget the scan keeps every ~sqrt(n)-th entering state and recomputes the others in the
+    backward (resets and snapshots inside the recomputed segments included): same values and gradients."""
+    monkeypatch.setattr(deep_scan_module, "_KEEP_ALL_BYTES", 0)
+    test_chunk_matches_naive(kind, 2, 4, 100)
+    test_memory_scan_matches_step_loop(kind, 2, [0, 6, 13, 22], [13], [1, 6, 10, 13, 29], 0)
+    test_memory_scan_matches_step_loop(kind, 1, [5, 13, 17], [5, 17], [3, 5, 16, 17, 28], 3)
 
 
 @pytest.mark.parametrize("depth", [1, 2])

@@ -10,7 +10,12 @@ recurrence with known coefficients. The memory stacks its state per weight in `m
 The gradients are rank one (`∇W1_j = e_j a_jᵀ`, `∇W2_j = g_j k_jᵀ`, `∇W_j = e_j k_jᵀ`), so the state at
 the end of a mini-batch is one rank-b matmul, and the reads are attention-like products with `R = L[:, 0]`,
 `C = A[:, 0]` (the weight block), e.g. `W2_t x_t = Σ_m C_tm X2_m x_t − Σ_j R_tj (k_j·x_t) g_j`. No per-token
-weights are ever built. See docs/deep_memories.md.
+weights are ever built.
+
+The loop (recurrence, reads, snapshots) is one autograd node, :class:`_Scan`, with a hand-written backward: on
+CPU the work is bound by passes over the state, and the backward touches each mini-batch's state a fixed,
+small number of times. Entries of the state and of its gradient below `sqrt(tiny)` are flushed to zero
+(:func:`_flush`). See docs/deep_memories.md.
 """
 
 from __future__ import annotations
@@ -293,9 +298,10 @@ class _Scan(torch.autograd.Function):
     point; for reads `y = W_t x_t` (depth 1) or `W1_t z_t`, `z = gelu(W2_t x_t)` or, mixed, `gelu(γ W2_t x_t + hc)`
     (`[n, BH, b, ·]`), then `z` when mixing; per weight the snapshots `[S, BH, r, c]`.
 
-    The backward runs the mini-batches in reverse from the saved entering states (one per mini-batch, as
-    autograd would keep) and the small per-mini-batch factors: a short fixed list of batched products per
-    mini-batch, all on tensors of one mini-batch (cache-sized), instead of autograd's graph of ~60 nodes."""
+    The backward runs the mini-batches in reverse from the saved entering states (all of them up to
+    `_KEEP_ALL_BYTES`, else every ~sqrt(n)-th and the others recomputed per segment) and the small
+    per-mini-batch factors: a short fixed list of batched products per mini-batch on tensors of one mini-batch,
+    instead of autograd's graph of ~60 nodes per mini-batch."""
 
     @staticmethod
     def forward(ctx, plan: _Plan, k, v, A, L, x, C, R, gamma, hc, As, Ls, *states):
@@ -304,9 +310,9 @@ class _Scan(torch.autograd.Function):
         X, Wmb, X0 = list(states[:nw]), list(states[nw : 2 * nw]), states[2 * nw :]
         n = k.shape[0]
         rows = [W.shape[-2] for W in Wmb]
-        # Only every `every`-th entering state is kept (and the states entering the others are recomputed from
-        # it in the backward, one segment at a time): the state is the large tensor, so this keeps the memory at
-        # O((n / every + every) · state) instead of O(n · state), and the allocations few and reused.
+        # Every entering state is kept for the backward while they fit in `_KEEP_ALL_BYTES`; beyond, only every
+        # `every`-th (the others are recomputed from it in the backward, one segment at a time), so that memory
+        # stays O((n / every + every) · state) instead of O(n · state).
         state_bytes = sum(x_.numel() * x_.element_size() for x_ in X)
         every = 1 if n * state_bytes <= _KEEP_ALL_BYTES else max(1, math.isqrt(n))
         merge = memory.error_needs_forward or "W1" in wk  # the factors need k through the first layer
