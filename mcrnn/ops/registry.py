@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from mcrnn.ops.deep import DLAMemory, TitansMemory
 from mcrnn.ops.delta.memory import DeltaMemory
+from mcrnn.ops.dla.memory import DLAMemory
 from mcrnn.ops.gdn.memory import GDNMemory
 from mcrnn.ops.linear.memory import LinearMemory
 from mcrnn.ops.memory import Memory
 from mcrnn.ops.swla.memory import SWLAMemory
+from mcrnn.ops.titans.memory import TitansMemory
 
 MEMORIES: dict[str, Memory] = {
     "linear": LinearMemory(),

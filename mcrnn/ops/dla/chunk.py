@@ -1,10 +1,13 @@
-"""Chunk-parallel deep linear attention: a loop over mini-batches only (the math is in `mcrnn.ops.deep`)."""
+"""Chunk-parallel deep linear attention: a loop over mini-batches only (`mcrnn.ops.deep.scan`, `DLAMemory`)."""
 
 from __future__ import annotations
 
 import torch
 
-from mcrnn.ops.deep import deep_op
+from mcrnn.ops.deep.op import deep_op
+from mcrnn.ops.dla.memory import DLAMemory
+
+_MEMORY = DLAMemory()
 
 
 def chunk_dla(
@@ -40,6 +43,6 @@ def chunk_dla(
         float32 or float64 for float64 inputs).
     """
     return deep_op(
-        "dla", True, q, k, v, params, {"lr": lr, "decay": decay}, mini_batch=mini_batch, scale=scale,
+        _MEMORY, True, q, k, v, params, {"lr": lr, "decay": decay}, mini_batch=mini_batch, scale=scale,
         initial_state=initial_state, output_final_state=output_final_state, offset=offset,
     )

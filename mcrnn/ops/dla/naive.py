@@ -1,10 +1,13 @@
-"""Token-loop reference for deep linear attention: one `deep_step` (explicit gradient) per token."""
+"""Token-loop reference for deep linear attention: one `DLAMemory.step` (explicit gradient) per token."""
 
 from __future__ import annotations
 
 import torch
 
-from mcrnn.ops.deep import deep_op
+from mcrnn.ops.deep.op import deep_op
+from mcrnn.ops.dla.memory import DLAMemory
+
+_MEMORY = DLAMemory()
 
 
 def naive_dla(
@@ -23,6 +26,6 @@ def naive_dla(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Same contract as :func:`mcrnn.ops.dla.chunk_dla`, one token at a time."""
     return deep_op(
-        "dla", False, q, k, v, params, {"lr": lr, "decay": decay}, mini_batch=mini_batch, scale=scale,
+        _MEMORY, False, q, k, v, params, {"lr": lr, "decay": decay}, mini_batch=mini_batch, scale=scale,
         initial_state=initial_state, output_final_state=output_final_state, offset=offset,
     )

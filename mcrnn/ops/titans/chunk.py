@@ -1,10 +1,13 @@
-"""Chunk-parallel Titans: a loop over mini-batches only (the math is in `mcrnn.ops.deep`)."""
+"""Chunk-parallel Titans: a loop over mini-batches only (`mcrnn.ops.deep.scan`, `TitansMemory`)."""
 
 from __future__ import annotations
 
 import torch
 
-from mcrnn.ops.deep import deep_op
+from mcrnn.ops.deep.op import deep_op
+from mcrnn.ops.titans.memory import TitansMemory
+
+_MEMORY = TitansMemory()
 
 
 def chunk_titans(
@@ -41,7 +44,7 @@ def chunk_titans(
         float64 for float64 inputs).
     """
     return deep_op(
-        "titans", True, q, k, v, params, {"lr": lr, "momentum": momentum, "forget": forget},
+        _MEMORY, True, q, k, v, params, {"lr": lr, "momentum": momentum, "forget": forget},
         mini_batch=mini_batch, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, offset=offset,
     )

@@ -1,10 +1,13 @@
-"""Token-loop reference for Titans: one `deep_step` (explicit gradient) per token."""
+"""Token-loop reference for Titans: one `TitansMemory.step` (explicit gradient) per token."""
 
 from __future__ import annotations
 
 import torch
 
-from mcrnn.ops.deep import deep_op
+from mcrnn.ops.deep.op import deep_op
+from mcrnn.ops.titans.memory import TitansMemory
+
+_MEMORY = TitansMemory()
 
 
 def naive_titans(
@@ -24,7 +27,7 @@ def naive_titans(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Same contract as :func:`mcrnn.ops.titans.chunk_titans`, one token at a time."""
     return deep_op(
-        "titans", False, q, k, v, params, {"lr": lr, "momentum": momentum, "forget": forget},
+        _MEMORY, False, q, k, v, params, {"lr": lr, "momentum": momentum, "forget": forget},
         mini_batch=mini_batch, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, offset=offset,
     )
