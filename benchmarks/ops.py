@@ -83,8 +83,12 @@ def _make_case(case: dict):
             leaves += [*params.values(), *gates.values()]
         else:
             gates = {"decay": torch.sigmoid(torch.randn(B, T, H, generator=g) + 3).requires_grad_()}
+            if memory in ("delta", "gdn"):
+                gates["beta"] = torch.sigmoid(torch.randn(B, T, H, generator=g)).requires_grad_()
+                if memory == "delta":
+                    del gates["decay"]
             kw.update(gates=gates)
-            leaves += [gates["decay"]]
+            leaves += list(gates.values())
 
         def run():
             o, _ = memory_caching(q, k, v, u, **kw)
@@ -240,6 +244,7 @@ def main() -> None:
                 cases = [dict(T=T, kind="sdpa"), dict(T=T, kind="linear")]
                 cases += [dict(T=T, kind=a, memory="linear") for a in ("residual", "grm", "soup")]
                 cases += [dict(T=T, kind="ssc", memory="linear", top_k=4)]
+                cases += [dict(T=T, kind=a, memory="gdn") for a in ("none", "grm")]  # the delta rule
                 if T > 256:
                     cases += [matmul_case(T)]
             groups[T] = cases

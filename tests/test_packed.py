@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 from helpers import assert_close, grads, make_inputs, rel_err
-from test_memory_caching import GATES, TOL, _compare_states, _deep_inputs
+from test_memory_caching import GATES, SHALLOW, TOL, _compare_states, _deep_inputs
 
 from mcrnn.ops import AGGREGATIONS, memory_caching, naive_memory_caching
 from mcrnn.ops.mc.state import stack_states
@@ -65,7 +65,7 @@ def _check_packed(fn, lengths, memory, aggregation, init, segmentation, C, ref=N
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("init", ["checkpoint", "independent"])
 @pytest.mark.parametrize("segmentation, C", [("constant", 16), ("logarithmic", 8)])
-@pytest.mark.parametrize("memory", ["linear", "swla"])
+@pytest.mark.parametrize("memory", SHALLOW)  # every registered memory without learned parameters (delta, gdn too)
 def test_packed_equals_separate(memory, aggregation, init, segmentation, C):
     _check_packed(memory_caching, LENGTHS, memory, aggregation, init, segmentation, C)
 

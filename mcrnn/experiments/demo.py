@@ -46,7 +46,7 @@ SETTING = {
     "model": {"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 4, "head_dim": 4, "segment_size": 4},
     "data": {"task": "mqar", "seq_len": 64, "vocab_size": 32, "num_kv_pairs": [2, 4, 8, 12], "num_eval": 512,
              "random_non_queries": False},
-    "train": {"steps": 1500, "batch_size": 32, "lr": 1e-3, "warmup": 30, "weight_decay": 0.0,
+    "train": {"steps": 2000, "batch_size": 32, "lr": 1e-3, "warmup": 30, "weight_decay": 0.0,
               "grad_clip": 1.0, "eval_every": 500, "log_every": 10, "eval_batch_size": 128, "seed": 0},
 }
 
