@@ -88,7 +88,8 @@ def test_adapts_only_the_gated_deltanet_layers(base_model):
         if i in GDN_LAYERS:
             assert type(layer.linear_attn) is MemoryCachingQwen3NextGatedDeltaNet
         else:
-            assert not hasattr(layer, "linear_attn") and type(layer.self_attn) is type(base_model.model.layers[i].self_attn)
+            assert not hasattr(layer, "linear_attn")
+            assert type(layer.self_attn) is type(base_model.model.layers[i].self_attn)
     assert sorted(mcp.mc_parameters(model)) == [f"model.layers.{i}.linear_attn.u_proj.weight" for i in GDN_LAYERS]
     assert mcp.mc_parameters(model)["model.layers.0.linear_attn.u_proj.weight"].shape == (4 * 8, 32)
     assert type(base_model.model.layers[0].linear_attn) is Qwen3NextGatedDeltaNet  # the copy, not the original
