@@ -166,6 +166,12 @@ def test_mc_generate_with_and_without_cache(base_model):
     assert torch.equal(a.sequences, b.sequences)
     for sa, sb in zip(a.scores, b.scores):
         assert_close(sa, sb, 1e-6, "scores")
+    # beam search reorders the MC state with the conv and attention caches
+    beam = dict(num_beams=3, num_return_sequences=3, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                output_scores=True, return_dict_in_generate=True)
+    a, b = model.generate(prompt, use_cache=True, **beam), model.generate(prompt, use_cache=False, **beam)
+    assert torch.equal(a.sequences, b.sequences)
+    assert_close(a.sequences_scores, b.sequences_scores, 1e-6, "beam scores")
 
 
 def test_save_load_round_trip(base_model, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.qwen3_next.modeling_qwen3_next import (
     Qwen3NextForCausalLM,
     Qwen3NextGatedDeltaNet,
@@ -43,6 +44,8 @@ class MemoryCachingQwen3NextGatedDeltaNet(Qwen3NextGatedDeltaNet):
 
     mc: MCSettings
 
+    # as transformers' forward: the conv weight is read directly, so its offloading hook must fire here
+    @force_accelerate_hooks("conv1d")
     def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None,
                 **kwargs) -> torch.Tensor:
         """`hidden_states: [B, T, hidden_size]` -> `[B, T, hidden_size]`; `cache`: the model's transformers
