@@ -25,9 +25,12 @@ from torch import nn
 from mcrnn.pretrained.settings import AGGREGATIONS, CONFIG_KEY, INITS, SEGMENTATIONS, MCSettings
 
 #: model classes with an adapter (transformers class name -> the module of its adapter)
-SUPPORTED_MODELS = {"Mamba2ForCausalLM": "mamba2", "Mamba2Model": "mamba2"}
+SUPPORTED_MODELS = {
+    "Mamba2ForCausalLM": "mamba2", "Mamba2Model": "mamba2",
+    "Qwen3NextForCausalLM": "qwen3_next", "Qwen3NextModel": "qwen3_next",
+}
 #: config `model_type`s that :func:`from_pretrained` loads (through `AutoModelForCausalLM`)
-SUPPORTED_MODEL_TYPES = {"mamba2": "Mamba2ForCausalLM"}
+SUPPORTED_MODEL_TYPES = {"mamba2": "Mamba2ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
 #: the transformers releases the adapters are tested with, `[low, high)`: the adapters copy the torch path of
 #: each mixer, which transformers changes between releases (the Mamba-2 cache API changed within 5.x)
 TESTED_TRANSFORMERS = ("5.24.0", "5.26.0")
@@ -67,7 +70,7 @@ def _adapter(model: nn.Module):
     if name not in SUPPORTED_MODELS:
         raise ValueError(
             f"Memory Caching has no adapter for {name}: supported are {sorted(SUPPORTED_MODELS)} "
-            "(Qwen3-Next waits for the `gdn` memory; mcrnn's own MCForCausalLM takes MC settings in its config)"
+            "(mcrnn's own MCForCausalLM takes MC settings in its config)"
         )
     check_transformers_version()
     adapter = importlib.import_module(f"mcrnn.pretrained.{SUPPORTED_MODELS[name]}")
@@ -95,7 +98,8 @@ def add_memory_caching(
     :func:`from_pretrained` restores the model. Returns `model`.
 
     Args:
-        model: a `Mamba2ForCausalLM` or `Mamba2Model` (see :data:`SUPPORTED_MODELS`).
+        model: a `Mamba2ForCausalLM`, `Mamba2Model`, `Qwen3NextForCausalLM` or `Qwen3NextModel` (see
+            :data:`SUPPORTED_MODELS`; Qwen3-Next: its Gated DeltaNet layers get MC, its attention layers not).
         aggregation: "none" (the base model, exactly) | "residual" | "grm" | "soup" | "ssc" | "mean".
         segment_size: tokens per segment ("constant") or per unit ("logarithmic"); counted from the first token
             of each sequence, padding included.
@@ -111,7 +115,7 @@ def add_memory_caching(
     settings = MCSettings(aggregation=aggregation, segment_size=segment_size, segmentation=segmentation,
                           init=init, top_k=top_k, use_u=use_u, u_init_std=u_init_std)
     if getattr(model.config, CONFIG_KEY, None) is not None or any(
-        isinstance(m, adapter.MemoryCachingMamba2Mixer) for m in adapter.mixers(model)
+        isinstance(getattr(m, "mc", None), MCSettings) for m in adapter.mixers(model)
     ):
         raise ValueError(
             f"this model already has Memory Caching (`config.{CONFIG_KEY}` = {getattr(model.config, CONFIG_KEY)}): "
