@@ -110,8 +110,9 @@ class _SelectedMatmul(torch.autograd.Function):
     `x: [G, T, D]`, `pick, w: [G, T, k]`; pairs with `valid` False are skipped (their weight must be 0).
 
     The (token, state) pairs are sorted by state once; each state then reads its tokens with one dense
-    `[n, D] x [D, V]` product, so only the selected states are read and nothing of size `T x k x D x V` is
-    built. The backward recomputes the products (nothing beyond the sort order is stored)."""
+    `[n, D] x [D, V]` product written in place (no concatenation), so only the selected states are read and
+    nothing of size `T x k x D x V` is built. The backward needs one product per state for both `d_x` and
+    `d_w` (`g = d_out W_sᵀ`: `d_w = <x, g>`, `d_x = w g`) and one for `d_W`."""
 
     @staticmethod
     def forward(ctx, w, x, W, pick, valid):
@@ -129,9 +130,11 @@ class _SelectedMatmul(torch.autograd.Function):
         counts = torch.bincount(key, minlength=G * P).tolist()  # one host sync per call
         ctx.save_for_backward(w, x, W, tok, pair)
         ctx.counts = counts
-        xs = x.reshape(G * T, D)[tok] * w.reshape(-1)[pair].unsqueeze(-1)
+        xs = x.reshape(G * T, D).index_select(0, tok) * w.reshape(-1).index_select(0, pair).unsqueeze(-1)
         Wf = W.reshape(G * P, D, V)
-        ys = torch.cat([xs[a:a + c] @ Wf[s] for s, a, c in _groups(counts)] or [xs.new_zeros(0, V)])
+        ys = xs.new_empty(xs.shape[0], V)
+        for s, a, c in _groups(counts):
+            torch.mm(xs[a:a + c], Wf[s], out=ys[a:a + c])
         return x.new_zeros(G * T, V).index_add_(0, tok, ys).view(G, T, V)
 
     @staticmethod
@@ -140,21 +143,23 @@ class _SelectedMatmul(torch.autograd.Function):
         G, T, D = x.shape
         P, V = W.shape[1], W.shape[-1]
         Wf = W.reshape(G * P, D, V)
-        xs = x.reshape(G * T, D)[tok]
-        ws = w.reshape(-1)[pair].unsqueeze(-1)
-        dos = d_out.reshape(G * T, V)[tok]
+        xs = x.reshape(G * T, D).index_select(0, tok)
+        ws = w.reshape(-1).index_select(0, pair).unsqueeze(-1)
+        dos = d_out.reshape(G * T, V).index_select(0, tok)
         d_w = d_x = d_W = None
-        if ctx.needs_input_grad[0]:
-            ys = torch.cat([xs[a:a + c] @ Wf[s] for s, a, c in _groups(ctx.counts)] or [xs.new_zeros(0, V)])
-            d_w = w.new_zeros(w.numel()).index_put_((pair,), (dos * ys).sum(-1)).view(w.shape)
-        dws = dos * ws
-        if ctx.needs_input_grad[1]:
-            d_xs = torch.cat([dws[a:a + c] @ Wf[s].T for s, a, c in _groups(ctx.counts)] or [xs.new_zeros(0, D)])
-            d_x = x.new_zeros(G * T, D).index_add_(0, tok, d_xs).view(x.shape)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            gs = xs.new_empty(xs.shape[0], D)  # d_out_t W_sᵀ for every pair
+            for s, a, c in _groups(ctx.counts):
+                torch.mm(dos[a:a + c], Wf[s].T, out=gs[a:a + c])
+            if ctx.needs_input_grad[0]:
+                d_w = w.new_zeros(w.numel()).index_put_((pair,), (xs * gs).sum(-1)).view(w.shape)
+            if ctx.needs_input_grad[1]:
+                d_x = x.new_zeros(G * T, D).index_add_(0, tok, gs.mul_(ws)).view(x.shape)
         if ctx.needs_input_grad[2]:
+            xs.mul_(ws)
             d_W = W.new_zeros(G * P, D, V)
             for s, a, c in _groups(ctx.counts):
-                d_W[s] = xs[a:a + c].T @ dws[a:a + c]
+                torch.mm(xs[a:a + c].T, dos[a:a + c], out=d_W[s])
             d_W = d_W.view(W.shape)
         return d_w, d_x, d_W, None, None
 
