@@ -263,11 +263,16 @@ def _blocks(plan: Plan, size: int = BLOCK_TOKENS) -> list[tuple[int, int, int, i
     return blocks
 
 
+def _union(plan: Plan, first_segment: int, last_segment: int) -> list[int]:
+    """Pool entries visible to any segment of `[first_segment, last_segment]`, in pool order."""
+    return [i for i, e in enumerate(plan.entries) if e.vis_lo <= last_segment and e.vis_hi > first_segment]
+
+
 def _visible_caches(plan: Plan, seg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, block):
     """The pool entries visible to any token of `block = (t0, t1, first segment, last segment)`: an index into
     the pool (a slice when they are contiguous: a view, no copy) and `visible: [t1 - t0, n]`; None if none."""
     t0, t1, sa, sb = block
-    union = [i for i, e in enumerate(plan.entries) if e.vis_lo <= sb and e.vis_hi > sa]
+    union = _union(plan, sa, sb)
     if not union:
         return None
     if union == list(range(union[0], union[-1] + 1)):
@@ -314,7 +319,7 @@ def _aggregate(opts: MCOptions, plan: Plan, q, u, r, p_on, pool_states: State, p
 
     spans = []
     for t0, t1, sa, sb in _blocks(plan):
-        union = [i for i, e in enumerate(plan.entries) if e.vis_lo <= sb and e.vis_hi > sa]
+        union = _union(plan, sa, sb)
         spans.append((t0, t1, union[0], union[-1] + 1) if union else (t0, t1, 0, 0))
     o = agg.whole_call(mem, q, u, r, p_on, pool_p, pool_states, visible, spans, scale=opts.scale,
                        score_scale=opts.score_scale, top_k=opts.top_k)

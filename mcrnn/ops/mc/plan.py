@@ -69,6 +69,25 @@ class Plan:
         return len(self.seg_start)
 
 
+def _cache_segment(entries: list[Entry], stack: list[int], runs: dict[int, Run], *, j: int, units: int,
+                   atoms: list, count: int, vis_hi: int, end: int, log: bool, indep: bool) -> None:
+    """Add the cache entry of completed segment `j` (its sequence has `units` completed units, this one
+    included). With `logarithmic` it merges the lower Fenwick blocks on top of the sequence's `stack`, which
+    stop being visible after segment `j`."""
+    level = 0
+    if log:
+        level = trailing_zeros(units)
+        while stack and entries[stack[-1]].level < level:
+            popped = entries[stack.pop()]
+            popped.vis_hi = j + 1
+            atoms += popped.atoms
+            count += popped.count
+    run = level if (log and indep and level > 0) else 0
+    runs[run].positions.append(end)
+    entries.append(Entry(vis_lo=j + 1, vis_hi=vis_hi, level=level, count=count, run=run, position=end, atoms=atoms))
+    stack.append(len(entries) - 1)
+
+
 def make_plan(T: int, opts: MCOptions, state: MCState, boundaries: Sequence[int] | None) -> Plan:
     C = opts.segment_size
     if opts.segmentation == "boundaries":
@@ -108,19 +127,8 @@ def make_plan(T: int, opts: MCOptions, state: MCState, boundaries: Sequence[int]
         units += 1
         atoms = [("seg", j)] + ([("carry",)] if j == 0 and continues else [])
         count = seg_end[j] - starts[j] + (state.seg_len if j == 0 else 0)
-        level = 0
-        if log:
-            level = trailing_zeros(units)
-            while stack and entries[stack[-1]].level < level:
-                popped = entries[stack.pop()]
-                popped.vis_hi = j + 1
-                atoms += popped.atoms
-                count += popped.count
-        run = level if (log and indep and level > 0) else 0
-        runs[run].positions.append(seg_end[j])
-        entries.append(Entry(vis_lo=j + 1, vis_hi=n_seg, level=level, count=count, run=run,
-                             position=seg_end[j], atoms=atoms))
-        stack.append(len(entries) - 1)
+        _cache_segment(entries, stack, runs, j=j, units=units, atoms=atoms, count=count, vis_hi=n_seg,
+                       end=seg_end[j], log=log, indep=indep)
     if completes[-1] and indep:
         online.final_reset = True
         for lv, run in runs.items():
@@ -168,18 +176,8 @@ def make_packed_plan(opts: MCOptions, cu_seqlens: list[int], boundaries: list | 
                 continue
             units += 1
             j = first + jj
-            atoms, count, level = [("seg", j)], local_end[jj] - local_start[jj], 0
-            if log:
-                level = trailing_zeros(units)
-                while stack and entries[stack[-1]].level < level:
-                    popped = entries[stack.pop()]
-                    popped.vis_hi = j + 1
-                    atoms += popped.atoms
-                    count += popped.count
-            run = level if (log and indep and level > 0) else 0
-            runs[run].positions.append(seg_end[j])
-            entries.append(Entry(vis_lo=j + 1, vis_hi=first + n_seg, level=level, count=count, run=run,
-                                 position=seg_end[j], atoms=atoms))
-            stack.append(len(entries) - 1)
+            _cache_segment(entries, stack, runs, j=j, units=units, atoms=[("seg", j)],
+                           count=local_end[jj] - local_start[jj], vis_hi=first + n_seg, end=seg_end[j], log=log,
+                           indep=indep)
     return Plan(seg_start=seg_start, seg_end=seg_end, completes=completes, continues=False, entries=entries,
                 stack=[], runs=runs, units=0)
