@@ -441,3 +441,29 @@ def test_report_builds_from_fixture(tmp_path):
         assert (tmp_path / "docs" / "results" / png).stat().st_size > 1000
     assert report.main([str(tmp_path / "empty")]) == 2
     assert report.main([str(root), "--out", str(tmp_path / "x.md"), "--claims", str(tmp_path / "none.yaml")]) == 2
+
+
+def test_mqar_grid_with_pairs_growing_with_the_length(tmp_path):
+    exp = load_experiment(write(tmp_path, deep_merge(TINY, {"base": {"data": {"vocab_size": 40}},
+                                                            "eval": {"num_kv_pairs": None, "seq_lens": [32, 64, 128],
+                                                                     "pairs_per_token": 0.125}})))
+    cfg = exp.run_config("grm", 0, tmp_path)
+    assert mqar_task.grid(cfg, exp.eval) == [(32, 4), (64, 8), (128, 16)]
+    with pytest.raises(ValueError, match="not both"):
+        mqar_task.grid(cfg, {**exp.eval, "num_kv_pairs": [4]})
+    with pytest.raises(ValueError, match=r"pairs_per_token: 32 pairs at L=256 need data.vocab_size >= 66"):
+        mqar_task.grid(cfg, {**exp.eval, "seq_lens": [256]})
+    with pytest.raises(ValueError, match=r"eval.pairs_per_token: must be in \(0, 0.25\]"):
+        mqar_task.grid(cfg, {**exp.eval, "pairs_per_token": 0.5})
+
+
+def test_capacity_table_and_frontier(tmp_path):
+    res = _mqar_result({"attention": [1.0, 0.9], "linear": [0.5, 0.4], "grm": [0.9, 0.8]},
+                       cells=((64, 8), (128, 16)))
+    table = report.capacity_table(res)
+    assert "| variant | L=64 (n=8) | L=128 (n=16) |" in table
+    # linear: a fixed 2 heads x 4 x 4 state; grm: 15 then 31 cached states and their key sums; attention: KV
+    assert "| `linear` | 32 | 32 |" in table
+    assert f"| `grm` | {32 + 15 * 32 + 16 * 8:,} | {32 + 31 * 32 + 32 * 8:,} |" in table
+    assert "| `attention` | 1,024 | 2,048 |" in table
+    assert report.frontier_plot(res, tmp_path / "f.png").stat().st_size > 1000

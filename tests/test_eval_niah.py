@@ -161,3 +161,45 @@ def test_quick_run(tmp_path):
         rows = run["rows"]
         assert {(r["niah"], r["seq_len"], r["depth"]) for r in rows} == want and len(rows) == len(want)
         assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == spec["examples_per_depth"] for r in rows)
+
+
+def test_random_keys_are_fresh_and_copied_from_the_needle():
+    exs = [niah_example(1, 300, 0.5, s, split, SRC, keys="random") for s in range(20) for split in ("train", "valid")]
+    keys = [e["key"] for e in exs]
+    assert all(re.fullmatch(r"[a-z]{8}", k) for k in keys) and len(set(keys)) == len(keys)
+    assert not set(keys) & set(KEYS)
+    for e in exs:
+        assert len(e["prompt"] + e["answer"]) == 300
+        assert NEEDLE.findall(e["prompt"]) == [(e["key"], e["answer"])]
+    assert niah_example(1, 300, 0.5, 3, "train", SRC, keys="random") == niah_example(1, 300, 0.5, 3, "train", SRC,
+                                                                                      keys="random")
+    with pytest.raises(ValueError, match="keys must be one of"):
+        niah_example(1, 300, 0.5, 0, "train", SRC, keys="uuid")
+    x, y = niah_batch(1, 4, 200, 0, keys="random")
+    texts = [ByteTokenizer().decode(r) for r in x]
+    assert all(not any(f" {k} " in t for k in KEYS) for t in texts)
+    batches = NIAHBatches(_cfg(niah_keys="random").data, 0)
+    assert not torch.equal(batches.global_batch(0, 4)[0], NIAHBatches(_cfg().data, 0).global_batch(0, 4)[0])
+
+
+def test_teacher_forced_hits_of_an_oracle():
+    from mcrnn.eval.niah import teacher_forced_hits
+
+    class Oracle(torch.nn.Module):
+        """Ranks the next byte of a fixed row first (its logits know the row)."""
+
+        def __init__(self, row):
+            super().__init__()
+            self.row, self.w = row, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, use_cache=False):
+            T = input_ids.shape[1]
+            logits = torch.zeros(input_ids.shape[0], T, 258)
+            logits[:, torch.arange(T), self.row[1:T + 1]] = 1.0
+            return type("Out", (), {"logits": logits})()
+
+    row = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    assert teacher_forced_hits(Oracle(row[0]), row, 3, 4).all()
+    wrong = row.clone()
+    wrong[0, -1] = 0
+    assert teacher_forced_hits(Oracle(row[0]), wrong, 3, 4).tolist() == [[True, True, False]]

@@ -18,6 +18,9 @@ the start, ``1``: just before the query). The haystack is trimmed so that ``len(
 Train / held-out disjointness: ``split="train"`` takes its keys from :data:`TRAIN_KEYS` and its haystacks from
 the corpus' train plays; any other split takes :data:`EVAL_KEYS` (disjoint from the training keys) and that
 split's plays. S-NIAH-1 has one filler for every split, so its examples differ by key (and value).
+With ``keys="random"`` every example draws a fresh key of :data:`RANDOM_KEY_LEN` random lowercase letters
+instead (26**8 keys: no key is seen twice), so the key bytes of the query can only be copied from the needle,
+never recalled from training.
 
 :func:`niah_batch` gives training tensors with the convention of :mod:`mcrnn.data` (labels already shifted,
 ``-100`` ignored): the answer bytes are labelled, and with ``label="query"`` (the default) the query's bytes
@@ -61,6 +64,8 @@ KEYS = (
 EVAL_KEYS = KEYS[4::5]
 TRAIN_KEYS = tuple(k for i, k in enumerate(KEYS) if i % 5 != 4)
 
+KEY_KINDS = ("words", "random")
+RANDOM_KEY_LEN = 8
 _TOK = ByteTokenizer()
 _SENTENCE_END = ".!?;:"
 
@@ -141,8 +146,15 @@ def min_seq_len(variant: int) -> int:
     return len(NEEDLE.format(key=key, value=value)) + 1 + len(QUERY.format(key=key)) + len(value)
 
 
+def _random_key(seed: int, split: str) -> str:
+    """A key of random lowercase letters from its own generator: train and held-out splits draw from disjoint
+    seeds (even and odd), so the same example seed gives different keys in the two."""
+    gen = torch.Generator().manual_seed((2 * int(seed) + (split != "train")) % (1 << 31))
+    return "".join(chr(ord("a") + i) for i in torch.randint(0, 26, (RANDOM_KEY_LEN,), generator=gen).tolist())
+
+
 def niah_example(variant: int, seq_len: int, depth: float, seed: int, split: str = "train",
-                 source: str = "sample") -> dict:
+                 source: str = "sample", keys: str = "words") -> dict:
     """One S-NIAH example whose ``prompt + answer`` is exactly ``seq_len`` bytes.
 
     Args:
@@ -152,15 +164,21 @@ def niah_example(variant: int, seq_len: int, depth: float, seed: int, split: str
         seed: the example's generator seed (key, value, haystack window); same seed, same example.
         split: ``"train"`` (training keys and plays) or ``"valid"``/``"test"`` (held-out keys and plays).
         source: corpus of variants 2 and 3, ``"sample"`` or ``"gutenberg"``.
+        keys: ``"words"`` (the split's word keys) or ``"random"`` (a fresh random key per example).
 
     Returns ``{"prompt", "answer", "key", "value", "needle_start", "haystack_len", "depth", "variant"}``:
     ``needle_start`` is the byte offset of the needle sentence in ``prompt``, ``haystack_len`` the bytes of
     haystack around it (so ``needle_start / haystack_len`` is the depth actually used).
     """
     _check(variant, seq_len, depth)
+    if keys not in KEY_KINDS:
+        raise ValueError(f"keys must be one of {list(KEY_KINDS)}, got {keys!r}")
     gen = torch.Generator().manual_seed(int(seed) % (1 << 31))  # the CPU generator keeps 32 bits
-    keys = TRAIN_KEYS if split == "train" else EVAL_KEYS
-    key = keys[int(torch.randint(0, len(keys), (1,), generator=gen))]
+    if keys == "random":
+        key = _random_key(seed, split)
+    else:
+        pool = TRAIN_KEYS if split == "train" else EVAL_KEYS
+        key = pool[int(torch.randint(0, len(pool), (1,), generator=gen))]
     value = _value(variant, gen)
     needle = NEEDLE.format(key=key, value=value) + " "
     query = QUERY.format(key=key)
@@ -193,15 +211,15 @@ def niah_tensor(examples: Sequence[dict]) -> torch.Tensor:
 
 def niah_batch(variants: int | Sequence[int], num: int, seq_len: int, seed: int, split: str = "train",
                source: str = "sample", depths: Sequence[float] | None = None,
-               label: str = "query") -> tuple[torch.Tensor, torch.Tensor]:
+               label: str = "query", keys: str = "words") -> tuple[torch.Tensor, torch.Tensor]:
     """Training tensors ``(inputs [num, seq_len], labels [num, seq_len])`` int64.
 
     Each row is an example of ``seq_len + 1`` bytes: ``inputs = bytes[:-1]``, ``labels = bytes[1:]`` with
     every position but the answer's (``label="answer"``) or the query's and the answer's (``label="query"``)
     set to ``-100`` (the logits at ``t`` are scored against ``labels[t]``, so the last ``len(answer)``
-    positions predict the answer). Row ``i`` is of variant ``variants[i % len]`` (an
-    equal mix) and depth ``depths[i % len]``, or a uniform random depth when ``depths`` is None. A pure function
-    of its arguments: every row's seed comes from a generator seeded with ``seed``.
+    positions predict the answer). ``keys`` as in :func:`niah_example`. Row ``i`` is of variant
+    ``variants[i % len]`` (an equal mix) and depth ``depths[i % len]``, or a uniform random depth when
+    ``depths`` is None. A pure function of its arguments: every row's seed comes from a generator seeded with ``seed``.
     """
     vs = [variants] if isinstance(variants, int) else list(variants)
     if label not in ("answer", "query"):
@@ -217,7 +235,7 @@ def niah_batch(variants: int | Sequence[int], num: int, seq_len: int, seed: int,
     inputs = torch.empty(num, seq_len, dtype=torch.long)
     labels = torch.full((num, seq_len), IGNORE_INDEX, dtype=torch.long)
     for i in range(num):
-        ex = niah_example(vs[i % len(vs)], seq_len + 1, row_depths[i], row_seeds[i], split, source)
+        ex = niah_example(vs[i % len(vs)], seq_len + 1, row_depths[i], row_seeds[i], split, source, keys)
         row = niah_tensor([ex])[0]
         inputs[i] = row[:-1]
         a = len(ex["answer"]) + (len(QUERY.format(key=ex["key"])) if label == "query" else 0)

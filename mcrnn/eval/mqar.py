@@ -7,6 +7,7 @@ counts beyond training, where a fixed-size recurrent state runs out and Memory C
     eval:
       seq_lens: [64, 128, 256]        # evaluation lengths (default: the training length)
       num_kv_pairs: [4, 8, 12, 16]    # pairs per example (cells with 4 n > L or 2 n + 2 > vocab are skipped)
+      pairs_per_token: 0.125          # instead of num_kv_pairs: n = L / 8 at every length (pairs grow with L)
       num_examples: 256               # held-out examples per cell
       batch_size: 128
 
@@ -45,6 +46,19 @@ def grid(cfg: Config, spec: dict) -> list[tuple[int, int]]:
     """The ``(seq_len, num_kv_pairs)`` cells a model trained with ``cfg`` can be measured on."""
     d = cfg.data
     lens = spec.get("seq_lens") or [d.seq_len]
+    ratio = spec.get("pairs_per_token")
+    if ratio is not None:
+        if spec.get("num_kv_pairs"):
+            raise ValueError("eval: give num_kv_pairs or pairs_per_token, not both")
+        if not 0 < float(ratio) <= 0.25:
+            raise ValueError(f"eval.pairs_per_token: must be in (0, 0.25] (4 n <= L), got {ratio!r}")
+        cells = [(L, max(1, int(L * float(ratio)))) for L in lens]
+        too_many = [(L, n) for L, n in cells if 2 * n + 2 > d.vocab_size]
+        if too_many:
+            raise ValueError(f"eval.pairs_per_token: {too_many[0][1]} pairs at L={too_many[0][0]} need "
+                             f"data.vocab_size >= {2 * too_many[0][1] + 2} (distinct keys and values); "
+                             f"raise vocab_size or drop the longest seq_lens")
+        return [(L, n) for L, n in cells if L % 2 == 0]
     pairs = spec.get("num_kv_pairs") or [d.eval_num_kv_pairs or max(d.num_kv_pairs if isinstance(
         d.num_kv_pairs, list) else [d.num_kv_pairs])]
     return [(L, n) for L in lens for n in pairs if 4 * n <= L and 2 * n + 2 <= d.vocab_size and L % 2 == 0]

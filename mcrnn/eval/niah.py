@@ -17,8 +17,12 @@ bytes to emit the whole answer. ``model.generate`` decodes ``len(answer)`` bytes
 the model's own cache (the Memory Caching cache, or a KV cache for attention layers), and a prediction counts
 when it equals the answer exactly.
 
-Rows: ``{"niah", "seq_len", "length_multiplier", "depth", "accuracy", "byte_accuracy", "n"}``, one per
-variant x length x depth (``byte_accuracy``: the fraction of answer bytes right, a partial credit).
+Rows: ``{"niah", "seq_len", "length_multiplier", "depth", "accuracy", "byte_accuracy",
+"teacher_forced_accuracy", "n", "chance_byte"}``, one per variant x length x depth: ``byte_accuracy`` is the
+fraction of generated answer bytes right (a partial credit), ``teacher_forced_accuracy`` the fraction of answer
+bytes the model ranks first when it reads the true answer so far (one forward pass, no error compounding),
+and ``chance_byte`` a uniform guess among the answer's alphabet (10 digits, 16 hex digits). The needle keys
+are the data's (``data.niah_keys``: held-out words, or a fresh random key per example).
 """
 
 from __future__ import annotations
@@ -76,6 +80,19 @@ def _byte_accuracy(predictions: list[str], answers: list[str]) -> float:
     return right / max(1, sum(len(t) for t in answers))
 
 
+@torch.no_grad()
+def teacher_forced_hits(model, rows: torch.Tensor, answer_len: int, batch_size: int) -> torch.Tensor:
+    """``[N, answer_len]`` bool: whether the model's top byte is the answer's byte at each answer position,
+    reading ``rows [N, S]`` (prompt + answer) in one forward pass."""
+    device = next(model.parameters()).device
+    hits = []
+    for i in range(0, rows.shape[0], batch_size):
+        x = rows[i:i + batch_size].to(device)
+        logits = model(input_ids=x[:, :-1], use_cache=False).logits[:, -answer_len:]
+        hits.append((logits.argmax(-1) == x[:, -answer_len:]).cpu())
+    return torch.cat(hits)
+
+
 def evaluate(model, cfg: Config, spec: dict, variant: str) -> list[dict]:
     """S-NIAH exact-match accuracy of one trained run per (niah variant, length, depth); see the module doc."""
     d = cfg.data
@@ -95,15 +112,21 @@ def evaluate(model, cfg: Config, spec: dict, variant: str) -> list[dict]:
     for v in variants:
         for m in mults:
             L = int(m * d.seq_len)
-            exs = [niah_example(v, L + 1, dep, example_seed(cfg.train.seed, v, L, j, e), split, source)
+            exs = [niah_example(v, L + 1, dep, example_seed(cfg.train.seed, v, L, j, e), split, source,
+                                d.niah_keys)
                    for j, dep in enumerate(depths) for e in range(per)]
-            prompts = niah_tensor(exs)[:, :-len(exs[0]["answer"])]
+            rows_t = niah_tensor(exs)
+            n_ans = len(exs[0]["answer"])
+            prompts = rows_t[:, :-n_ans]
+            tf = teacher_forced_hits(model, rows_t, n_ans, batch_size)
             # all depths of one (variant, length) in one batched generate: the prompts have equal lengths
             preds = generate_answers(model, prompts, len(exs[0]["answer"]), batch_size)
             for j, dep in enumerate(depths):
                 p = preds[j * per:(j + 1) * per]
                 a = [ex["answer"] for ex in exs[j * per:(j + 1) * per]]
                 rows.append({"niah": v, "seq_len": L, "length_multiplier": m, "depth": dep,
-                             "accuracy": niah_exact_match(p, a), "byte_accuracy": _byte_accuracy(p, a), "n": per})
+                             "accuracy": niah_exact_match(p, a), "byte_accuracy": _byte_accuracy(p, a),
+                             "teacher_forced_accuracy": float(tf[j * per:(j + 1) * per].float().mean()),
+                             "n": per, "chance_byte": 1 / 16 if v == 3 else 1 / 10})
     model.train(was_training)
     return rows

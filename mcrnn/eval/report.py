@@ -234,6 +234,55 @@ def state_plot(res_list: list[dict], path: Path) -> Path:
     return path
 
 
+def capacity_state(res: dict) -> dict[str, dict[int, int]]:
+    """``{variant: {seq_len: floats held after seq_len tokens}}`` for every evaluated length: a fixed state
+    stays flat, attention's KV cache and Memory Caching's cache grow with the length."""
+    from .common import state_floats
+
+    info = run_info(res)
+    lens = sorted({L for c in mqar_cells(res).values() for L, _ in c})
+    return {v: {L: state_floats(info[v]["model"], L) for L in lens} for v in info}
+
+
+def capacity_table(res: dict) -> str:
+    """Floats each variant holds at each evaluated length, next to the key-value pairs that length carries."""
+    state = capacity_state(res)
+    pairs = {L: n for c in mqar_cells(res).values() for L, n in c}
+    lens = sorted(pairs)
+    head = ["variant"] + [f"L={L} (n={pairs[L]})" for L in lens]
+    return md_table(head, [[f"`{v}`"] + [f"{s[L]:,}" for L in lens] for v, s in state.items()])
+
+
+def frontier_plot(res: dict, path: Path) -> Path:
+    """Zoology's recall-vs-state frontier, one panel per evaluated length: accuracy (mean ± std over seeds)
+    against the floats each model holds at the end of a sequence of that length (log scale)."""
+    plt = _plt()
+    cells, state = mqar_cells(res), capacity_state(res)
+    lens = sorted({L for c in cells.values() for L, _ in c})
+    fig, axes = plt.subplots(1, len(lens), figsize=(3.6 * len(lens), 3.6), squeeze=False, sharey=True)
+    for i, v in enumerate(cells):
+        for ax, L in zip(axes[0], lens, strict=True):
+            acc = [a for (LL, _), a in cells[v].items() if LL == L]
+            if not acc:
+                continue
+            m, sd = mean_std(acc[0])
+            ax.errorbar([state[v][L]], [m], yerr=[sd], marker="os^vD<>ph*"[i % 10], capsize=2, color=f"C{i % 10}",
+                        label=v, linestyle="none")
+    for ax, L in zip(axes[0], lens, strict=True):
+        n = next((n for c in cells.values() for (LL, n) in c if LL == L), None)
+        ax.set_xscale("log")
+        ax.set_title(f"L={L}, n={n} pairs")
+        ax.set_xlabel("floats held at the end")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # --- NIAH, LM, throughput ----------------------------------------------------------------------------------
 
 

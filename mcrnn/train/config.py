@@ -55,6 +55,9 @@ class DataConfig:
                                               "(packed, cu_seqlens), so no token reads another document")
     niah_label: str = _spec("query", choices=("query", "answer"),
                             doc="S-NIAH bytes labelled in training: query and answer, or the answer only")
+    niah_keys: str = _spec("words", choices=("words", "random"),
+                           doc="S-NIAH needle keys: word keys (held-out words for eval) or a fresh random key "
+                               "per example (copying is the only way to predict them)")
 
 
 @dataclass

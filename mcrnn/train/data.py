@@ -119,12 +119,12 @@ class NIAHBatches:
     def global_batch(self, step: int, batch_size: int):
         c = self.cfg
         return niah_batch(self.variants, batch_size, c.seq_len, split_seeds(step_seed(self.seed, step))[0],
-                          "train", c.source, label=c.niah_label)
+                          "train", c.source, label=c.niah_label, keys=c.niah_keys)
 
     def eval_set(self):
         c = self.cfg
         return niah_batch(self.variants, c.num_eval, c.seq_len, split_seeds(self.seed)[1], "valid", c.source,
-                          label=c.niah_label)
+                          label=c.niah_label, keys=c.niah_keys)
 
 
 def make_batches(cfg: DataConfig, seed: int):
