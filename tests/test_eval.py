@@ -467,3 +467,25 @@ def test_capacity_table_and_frontier(tmp_path):
     assert f"| `grm` | {32 + 15 * 32 + 16 * 8:,} | {32 + 31 * 32 + 32 * 8:,} |" in table
     assert "| `attention` | 1,024 | 2,048 |" in table
     assert report.frontier_plot(res, tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_learning_rates_are_tuned_per_variant(tmp_path):
+    raw = deep_merge(TINY, {"seeds": [0], "eval": {"seq_lens": [32], "num_kv_pairs": [4]},
+                            "tune": {"lr": [1.0e-3, 3.0e-2], "seed": 7, "metric": "eval_loss"}})
+    res = run_task("mqar", write(tmp_path, raw), out=tmp_path / "out")
+    assert set(res["tuned"]) == {"linear", "grm"}
+    for v, rec in res["tuned"].items():
+        cands = {float(k): x for k, x in rec["candidates"].items()}
+        assert set(cands) == {1.0e-3, 3.0e-2} and rec["lr"] == min(cands, key=cands.get)
+        assert (tmp_path / "out" / "tune" / v / "lr0.001" / "ckpt.pt").exists()
+    assert {r["variant"]: r["lr"] for r in res["runs"]} == {v: rec["lr"] for v, rec in res["tuned"].items()}
+    assert "Learning rates tuned per variant over {0.001, 0.03}" in report.provenance(res)
+    again = run_task("mqar", write(tmp_path, raw), out=tmp_path / "out")  # every run reused
+    assert again["tuned"] == res["tuned"] and all(r["reused"] for r in again["runs"])
+    for bad, match in (({"lr": []}, "tune.lr"), ({"lr": [1e-3], "seed": 0}, "tune.seed"),
+                       ({"lr": [1e-3], "metric": "acc"}, "tune.metric"), ({"lrs": [1]}, "keys lr, seed, metric")):
+        with pytest.raises(ValueError, match=match):
+            load_experiment(write(tmp_path, {**raw, "tune": bad}))
+    from mcrnn.eval.common import final_metric
+
+    assert final_metric(tmp_path / "nowhere", "eval_loss") != final_metric(tmp_path / "nowhere", "eval_loss")  # NaN

@@ -12,7 +12,15 @@ An *experiment file* (``configs/eval/*.yaml``) is a training config plus what to
       grm: {model: {aggregation: grm}}
     seeds: [0, 1, 2]           # every variant is trained once per seed (train.seed)
     eval: {...}                # the task's own evaluation settings
+    tune:                      # optional: every variant gets its own learning rate
+      lr: [1.0e-3, 3.0e-3]     #   train.lr candidates, one run each per variant at the tuning seed
+      seed: 100                #   the tuning seed (keep it out of `seeds`: the reported runs are fresh)
+      metric: eval_loss        #   the trainer's final held-out metric (eval_loss: lower wins, eval_acc: higher)
     quick: {...}               # overrides of this whole file applied by --quick (same layout, merged deeply)
+
+With ``tune``, the candidates train first into ``OUT/tune/v/lr<value>/``; each variant's seeds then train with
+the candidate whose final held-out metric is best (ties: the first listed), and ``results.json`` records every
+candidate's metric under ``tuned``.
 
 Run ``r`` of variant ``v`` and seed ``s`` trains into ``OUT/runs/v/seed{s}/`` (the trainer's usual files). A
 run whose checkpoint already holds the finished schedule of the same model/data/train sections is reused,
@@ -44,7 +52,8 @@ import yaml
 from mcrnn.train.config import Config, validate
 
 RESULTS_NAME = "results.json"
-_TOP_KEYS = {"task", "base", "variants", "seeds", "eval", "quick", "description"}
+_TOP_KEYS = {"task", "base", "variants", "seeds", "eval", "quick", "description", "tune"}
+TUNE_METRICS = {"eval_loss": min, "eval_acc": max}
 
 
 def deep_merge(base: Any, over: Any) -> Any:
@@ -70,12 +79,15 @@ class Experiment:
     description: str = ""
     quick: bool = False
     raw: dict = field(default_factory=dict)
+    tune: dict | None = None
 
-    def run_config(self, variant: str, seed: int, out: str | Path) -> Config:
-        """The checked training config of one run (``train.seed`` = seed, ``train.out_dir`` under ``out``)."""
+    def run_config(self, variant: str, seed: int, out: str | Path, lr: float | None = None,
+                   out_dir: str | Path | None = None) -> Config:
+        """The checked training config of one run (``train.seed`` = seed, ``train.out_dir`` under ``out``, or
+        ``out_dir``; ``lr`` replaces the variant's learning rate)."""
         raw = deep_merge(self.base, self.variants[variant])
-        raw = deep_merge(raw, {"train": {"seed": seed, "out_dir": str(run_dir(out, variant, seed)),
-                                         "progress": False}})
+        raw = deep_merge(raw, {"train": {"seed": seed, "out_dir": str(out_dir or run_dir(out, variant, seed)),
+                                         "progress": False, **({"lr": lr} if lr is not None else {})}})
         try:
             return validate(raw)
         except ValueError as e:
@@ -122,10 +134,84 @@ def load_experiment(path: str | Path, task: str | None = None, quick: bool = Fal
         raise ValueError(f"{path}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
     exp = Experiment(task=raw.get("task", task or ""), base=raw.get("base") or {}, variants=variants,
                      seeds=list(seeds), eval=raw.get("eval") or {}, path=str(path),
-                     description=raw.get("description", ""), quick=quick, raw=raw)
+                     description=raw.get("description", ""), quick=quick, raw=raw,
+                     tune=_check_tune(raw.get("tune"), seeds, path))
     for v in exp.variants:  # fail in milliseconds on a bad variant, not after the first run trains
         exp.run_config(v, exp.seeds[0], "/nonexistent")
     return exp
+
+
+def _check_tune(tune: dict | None, seeds: list[int], path) -> dict | None:
+    if tune is None:
+        return None
+    if not isinstance(tune, dict) or set(tune) - {"lr", "seed", "metric"}:
+        raise ValueError(f"{path}: tune must be a mapping with keys lr, seed, metric, got {tune!r}")
+    lrs = tune.get("lr")
+    if not isinstance(lrs, list) or not lrs or not all(isinstance(x, (int, float)) and x > 0 for x in lrs):
+        raise ValueError(f"{path}: tune.lr must be a non-empty list of positive learning rates, got {lrs!r}")
+    seed = tune.get("seed", 100)
+    if not isinstance(seed, int) or seed < 0 or seed in seeds:
+        raise ValueError(f"{path}: tune.seed must be an integer >= 0 outside seeds {seeds}, got {seed!r}")
+    metric = tune.get("metric", "eval_loss")
+    if metric not in TUNE_METRICS:
+        raise ValueError(f"{path}: tune.metric must be one of {list(TUNE_METRICS)}, got {metric!r}")
+    return {"lr": [float(x) for x in lrs], "seed": seed, "metric": metric}
+
+
+def tune_dir(out: str | Path, variant: str, lr: float) -> Path:
+    return Path(out) / "tune" / variant / f"lr{lr:g}"
+
+
+def final_metric(out_dir: str | Path, metric: str) -> float:
+    """The last held-out ``metric`` the trainer logged in ``out_dir/metrics.jsonl`` (NaN when it never did or
+    the value was not finite: such a candidate never wins)."""
+    value = float("nan")
+    path = Path(out_dir) / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if metric in rec:
+                value = float(rec[metric])
+    return value
+
+
+def _tune_one(args) -> float:
+    exp, variant, lr, out, threads, retrain = args
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = exp.run_config(variant, exp.tune["seed"], out, lr=lr, out_dir=tune_dir(out, variant, lr))
+    train_or_load(cfg, retrain=retrain)
+    value = final_metric(cfg.train.out_dir, exp.tune["metric"])
+    print(f"[{exp.task}] tune {variant} lr={lr:g}: {exp.tune['metric']} {value:.4f}", flush=True)
+    return value
+
+
+def tune_learning_rates(exp: Experiment, out: str | Path, jobs: int = 1, threads: int | None = None,
+                        retrain: bool = False) -> dict[str, dict]:
+    """``{variant: {"lr": best, "candidates": {lr: metric}}}``: one run per variant and candidate at the tuning
+    seed, the best final held-out metric wins (see the module docstring)."""
+    work = [(exp, v, lr, str(out), threads, retrain) for v in exp.variants for lr in exp.tune["lr"]]
+    values = _map(_tune_one, work, jobs)
+    pick = TUNE_METRICS[exp.tune["metric"]]
+    out_: dict = {}
+    for (_, v, lr, *_rest), value in zip(work, values, strict=True):
+        out_.setdefault(v, {"candidates": {}})["candidates"][f"{lr:g}"] = value
+    for v, rec in out_.items():
+        finite = [(float(k), x) for k, x in rec["candidates"].items() if x == x and abs(x) != float("inf")]
+        if not finite:
+            raise ValueError(f"tune: every learning rate of variant {v!r} diverged ({rec['candidates']})")
+        best = pick(finite, key=lambda kv: kv[1])
+        rec["lr"] = best[0]
+    return out_
+
+
+def _map(fn, work: list, jobs: int) -> list:
+    if jobs > 1 and len(work) > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            return list(pool.map(fn, work))
+    return [fn(w) for w in work]
 
 
 def _finished(cfg: Config) -> bool:
@@ -259,10 +345,10 @@ Evaluator = Callable[[torch.nn.Module, Config, dict, str], list[dict]]
 
 def _one_run(args) -> dict:
     """One variant x seed: train or reuse, then evaluate (runs in a worker process with ``--jobs``)."""
-    exp, variant, seed, out, evaluate, threads, retrain = args
+    exp, variant, seed, out, evaluate, threads, retrain, lr = args
     if threads:
         torch.set_num_threads(threads)
-    cfg = exp.run_config(variant, seed, out)
+    cfg = exp.run_config(variant, seed, out, lr=lr)
     t0 = time.perf_counter()
     model, info = train_or_load(cfg, retrain=retrain)
     t1 = time.perf_counter()
@@ -272,6 +358,7 @@ def _one_run(args) -> dict:
     state = state_counts(cfg.model, cfg.data.seq_len) if cfg.train.init_from is None else {}
     rec = {"variant": variant, "seed": seed, **info, "state_floats": sum(state.values()), "state": state,
            "model": cfg.model, "train_seq_len": cfg.data.seq_len, "train_steps": cfg.train.steps,
+           "lr": cfg.train.lr,
            "wall_train_s": t1 - t0, "wall_eval_s": time.perf_counter() - t1, "rows": rows}
     path = Path(cfg.train.out_dir) / "eval.json"
     tmp = path.with_suffix(".json.tmp")
@@ -293,19 +380,15 @@ def run_experiment(exp: Experiment, evaluate: Evaluator, out: str | Path, jobs: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    work = [(exp, v, s, str(out), evaluate, threads, retrain) for v, s in exp.runs()]
-    if jobs > 1 and len(work) > 1:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            records = list(pool.map(_one_run, work))
-    else:
-        records = [_one_run(w) for w in work]
+    tuned = tune_learning_rates(exp, out, jobs, threads, retrain) if exp.tune else {}
+    work = [(exp, v, s, str(out), evaluate, threads, retrain, tuned.get(v, {}).get("lr")) for v, s in exp.runs()]
+    records = _map(_one_run, work, jobs)
     result = {"task": exp.task, "description": exp.description, "command": command_line(),
               "experiment": exp.path, "quick": exp.quick, "commit": git_commit(), "machine": machine(),
               "jobs": jobs, "threads": threads or torch.get_num_threads(),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": time.perf_counter() - t0,
-              "config": exp.raw, "runs": records}
+              "config": exp.raw, "runs": records,
+              **({"tuned": tuned, "tune": exp.tune} if exp.tune else {})}
     write_json(out / RESULTS_NAME, result)
     return result
 

@@ -89,7 +89,19 @@ def provenance(res: dict) -> str:
     return (f"*Produced by* `{res.get('command', '?')}` *(experiment file `{res.get('experiment', '?')}`, commit "
             f"`{res.get('commit', '?')}`, {where}, torch {m.get('torch', '?')}, {res.get('jobs', 1)} job(s) x "
             f"{res.get('threads', '?')} thread(s), {res.get('wall_seconds', 0) / 60:.1f} min, finished "
-            f"{res.get('finished', '?')}).*")
+            f"{res.get('finished', '?')}).*" + tuning_note(res))
+
+
+def tuning_note(res: dict) -> str:
+    """How each variant's learning rate was chosen, when the experiment tuned it (``tune``), else ''."""
+    tuned, tune = res.get("tuned"), res.get("tune")
+    if not tuned or not tune:
+        return ""
+    picks = ", ".join(f"`{v}` {rec['lr']:g}" for v, rec in tuned.items())
+    cands = ", ".join(f"{x:g}" for x in tune["lr"])
+    better = "lowest" if tune["metric"] == "eval_loss" else "highest"
+    return (f" Learning rates tuned per variant over {{{cands}}} by the {better} final held-out "
+            f"`{tune['metric']}` of one run at seed {tune['seed']} (not a reported seed): {picks}.")
 
 
 def _plt():
