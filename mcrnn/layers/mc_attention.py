@@ -72,6 +72,7 @@ class MemoryCachingAttention(nn.Module):
         cache_scores: str = "context",
         backend: str | None = None,
         allow_neg_eigval: bool = False,
+        fixed_gates: tuple[str, ...] = (),
         spec: MCSpec | None = None,
     ):
         super().__init__()
@@ -79,7 +80,7 @@ class MemoryCachingAttention(nn.Module):
             spec = MCSpec(memory=memory, aggregation=aggregation, segment_size=segment_size,
                           segmentation=segmentation, init=init, top_k=top_k, mini_batch=mini_batch,
                           cache_scores=cache_scores, use_u=use_u, memory_depth=memory_depth, expansion=expansion,
-                          backend=backend, allow_neg_eigval=allow_neg_eigval)
+                          backend=backend, allow_neg_eigval=allow_neg_eigval, fixed_gates=tuple(fixed_gates))
         elif not isinstance(spec, MCSpec):
             raise ValueError(f"`spec` must be an mcrnn.ops.MCSpec, got {type(spec).__name__}")
         self.spec = spec
@@ -102,8 +103,10 @@ class MemoryCachingAttention(nn.Module):
                        if (spec.use_u and spec.scored) else None)
         self.conv = ShortConvolution(H * (2 * K + V), conv_size)
         self.gate_names = self.mem.gate_names
+        # a fixed gate has no projection: it is held at the value the op takes when the gate is not given
         self.gates = nn.ModuleDict(
-            {n: GateLinear(hidden_size, H, g.init_bias) for n, g in self.mem.gates.items()}
+            {n: GateLinear(hidden_size, H, g.init_bias) for n, g in self.mem.gates.items()
+             if n not in spec.fixed_gates}
         )
         self.memory_params = nn.ParameterDict(
             {n: nn.Parameter(x) for n, x in self.mem.make_params(
@@ -190,6 +193,8 @@ class MemoryCachingAttention(nn.Module):
         wide = self.spec.allow_neg_eigval
         gates = {n: _scaled_sigmoid(lin(x).float(), spec_gates[n].hi if wide else spec_gates[n].layer_hi)
                  for n, lin in self.gates.items()}
+        for n in self.spec.fixed_gates:  # explicit, so that padding below can still set its "no change" value
+            gates[n] = x.new_full((B, T, H), spec_gates[n].default, dtype=torch.float32)
         if keep is not None:
             m = keep[:, :, None, None]
             k, v = k * m.to(k.dtype), v * m.to(v.dtype)

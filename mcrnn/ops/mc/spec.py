@@ -48,6 +48,8 @@ class MCSpec:
         memory_depth, expansion: layers only: the deep memories' MLP (depth 1 or 2, hidden `expansion · K`).
         allow_neg_eigval: layers only: gates whose ops accept more than [0, 1] (the delta rule's `beta` in
             [0, 2]: negative eigenvalues of `I − β k kᵀ`) are produced over their full range.
+        fixed_gates: layers only: names of the memory's gates that are not learned but held at the value an op
+            uses when the gate is not given (`Gate.default`; e.g. `("decay",)`: linear attention without decay).
         backend: "auto" | "torch" | "triton" | None (the environment's `MCRNN_BACKEND`, else "auto"): where the
             cached reads run (see :data:`BACKENDS`).
     """
@@ -65,6 +67,7 @@ class MCSpec:
     expansion: int = 4
     allow_neg_eigval: bool = False
     backend: str | None = None
+    fixed_gates: tuple[str, ...] = ()
 
     def __post_init__(self):
         get_memory(self.memory)  # ValueError naming `memory`
@@ -115,6 +118,14 @@ class MCSpec:
             raise ValueError(f"`expansion` must be an integer >= 1, got {self.expansion!r}")
         if not isinstance(self.allow_neg_eigval, bool):
             raise ValueError(f"`allow_neg_eigval` must be a bool, got {self.allow_neg_eigval!r}")
+        fixed = self.fixed_gates
+        if isinstance(fixed, str) or not isinstance(fixed, (list, tuple)):
+            raise ValueError(f"`fixed_gates` must be a list of gate names, got {fixed!r}")
+        unknown = [g for g in fixed if g not in self.mem.gates]
+        if unknown:
+            raise ValueError(f"`fixed_gates`: memory {self.memory!r} has no gate {unknown[0]!r} (its gates: "
+                             f"{list(self.mem.gates)})")
+        object.__setattr__(self, "fixed_gates", tuple(dict.fromkeys(fixed)))
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"unknown `backend` {self.backend!r}: choose one of {list(BACKENDS)} (or None)")
 
