@@ -171,3 +171,17 @@ def test_quick_run(tmp_path):
             assert math.isfinite(row["value"]), row
         ppl = next(row for row in run["rows"] if row["metric"] == "ppl")
         assert 1 < ppl["value"] < 2 * 257  # an untrained byte model sits near the vocabulary size
+
+
+def test_post_training_residual_matches_mean_up_to_the_norm_epsilon():
+    model = _tiny(norm_eps=1e-12)
+    mean, res = with_post_training_mc(model, 16, "mean"), with_post_training_mc(model, 16, "residual")
+    assert res.config.aggregation == "residual"
+    x = torch.randint(0, 23, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b, base = mean(input_ids=x).logits, res(input_ids=x).logits, model(input_ids=x).logits
+    # the per-head RMSNorm after the read divides out the 1/(N+1) of the mean: equal but for its epsilon,
+    # while reading the caches at all changes the outputs
+    assert (a - b).norm() < 1e-3 * (a - base).norm()
+    with pytest.raises(ValueError, match="must be one of"):
+        with_post_training_mc(model, 16, "grm")

@@ -10,6 +10,7 @@ and tokenizer (``data.source``/``data.tokenizer``)::
       length_multipliers: [1, 2, 4, 8] # extrapolation: windows of m * L
       max_windows: 64                  # extrapolation: at most this many windows of the largest m * L
       batch_tokens: 16384              # tokens per forward batch (windows per batch = batch_tokens // length)
+      post_training: [mean]            # post-training MC aggregations read on a base trained without MC
 
 Rows (all losses are mean next-token NLL in nats, token-weighted over every window):
 
@@ -23,10 +24,12 @@ Rows (all losses are mean next-token NLL in nats, token-weighted over every wind
 - ``{"metric": "ppl_extrapolation", "seq_len": m * L, "multiplier": m, "mode", "value", "loss", "tokens",
   "windows"}`` with ``mode`` ``"as_trained"``, and for a recurrent model trained without Memory Caching
   (``aggregation: none``) also ``"post_training_mc"``: the same weights read with the ``mean`` aggregation
-  over ``independent`` segments of L (SPEC §2.3, :func:`with_post_training_mc`). Attention models keep their
-  RoPE as it is. Every multiplier is measured on the *same* tokens (the first ``W · M · L`` of the split,
-  ``M`` the largest multiplier that fits, ``W <= max_windows``), so the rows differ only in the context the
-  model gets, not in the text. Multipliers with no full window in the split are skipped.
+  over ``independent`` segments of L (SPEC §2.3, :func:`with_post_training_mc`), and with
+  ``post_training: [mean, residual]`` also ``"post_training_residual"`` (the sum instead of the mean: with the
+  per-head RMSNorm after the read the two differ only in the norm's epsilon, which this measures). Attention
+  models keep their RoPE as it is. Every multiplier is measured on the *same* tokens (the first ``W · M · L``
+  of the split, ``M`` the largest multiplier that fits, ``W <= max_windows``), so the rows differ only in the
+  context the model gets, not in the text. Multipliers with no full window in the split are skipped.
 
 A transformers checkpoint (``mcrnn eval lm --model PATH``, :func:`mcrnn.eval.common.run_checkpoint`) gets the
 same rows, per variant ``no_mc`` / ``mc``, with ``L = data.seq_len`` of the experiment file
@@ -197,14 +200,17 @@ def lm_metrics(logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tens
 # --- post-training Memory Caching ----------------------------------------------------------------------------
 
 
-def with_post_training_mc(model, segment_size: int):
+POST_TRAINING = {"mean": "post_training_mc", "residual": "post_training_residual"}
+
+
+def with_post_training_mc(model, segment_size: int, aggregation: str = "mean"):
     """The same weights read with post-training Memory Caching (SPEC §2.3): a new model, in eval mode.
 
     Rebuilds ``model`` (an :class:`~mcrnn.models.MCForCausalLM` trained without MC, ``aggregation="none"``)
-    with ``aggregation="mean"``, ``init="independent"``, constant segments of ``segment_size`` (the training
-    length), and loads its state dict strictly: ``none`` and ``mean`` have the same parameters, so every
-    weight is reused and nothing new is initialised. On inputs of at most ``segment_size`` tokens the new
-    model equals the old one (one segment: the mean of one memory).
+    with ``aggregation="mean"`` (or ``"residual"``), ``init="independent"``, constant segments of
+    ``segment_size`` (the training length), and loads its state dict strictly: ``none`` and ``mean`` have the
+    same parameters, so every weight is reused and nothing new is initialised. On inputs of at most
+    ``segment_size`` tokens the new model equals the old one (one segment: the mean of one memory).
     """
     cfg = model.config
     if "mc" not in cfg.layer_mixers:
@@ -212,8 +218,10 @@ def with_post_training_mc(model, segment_size: int):
     if cfg.aggregation != "none":
         raise ValueError(f"post-training MC is for models trained without MC (aggregation 'none'), "
                          f"got aggregation {cfg.aggregation!r}")
+    if aggregation not in POST_TRAINING:
+        raise ValueError(f"post-training MC aggregation must be one of {list(POST_TRAINING)}, got {aggregation!r}")
     new_cfg = copy.deepcopy(cfg)
-    new_cfg.aggregation, new_cfg.init, new_cfg.segmentation = "mean", "independent", "constant"
+    new_cfg.aggregation, new_cfg.init, new_cfg.segmentation = aggregation, "independent", "constant"
     new_cfg.segment_size = int(segment_size)
     new_cfg.validate()
     new = MCForCausalLM(new_cfg)
@@ -291,8 +299,12 @@ def evaluate(model, cfg: Config, spec: dict, variant: str) -> list[dict]:
     W = min(int(spec.get("max_windows", 64)), (tokens.numel() - 1) // (M * L))
     span = tokens[:W * M * L + 1]
     models = [("as_trained", model)]
+    post = spec.get("post_training", ["mean"])
+    bad = [a for a in post if a not in POST_TRAINING]
+    if bad:
+        raise ValueError(f"eval.post_training: unknown aggregation {bad[0]!r} (choose from {list(POST_TRAINING)})")
     if _post_training_mc_applies(model):
-        models.append(("post_training_mc", with_post_training_mc(model, L)))
+        models += [(POST_TRAINING[a], with_post_training_mc(model, L, a)) for a in post]
     for mode, m_model in models:
         for m in fits:
             xm, ym = pack_causal(span, m * L)
