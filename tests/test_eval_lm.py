@@ -158,13 +158,15 @@ def test_quick_run(tmp_path):
     res = run_task("lm", "configs/eval/lm.yaml", out=tmp_path, quick=True)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["variant"] for r in saved["runs"]] == [r["variant"] for r in res["runs"]]
-    assert {r["variant"] for r in saved["runs"]} == {"attention", "linear", "grm", "ssc"}
+    assert {r["variant"] for r in saved["runs"]} == {"attention", "linear", "linear_nodecay", "grm"}
+    assert set(saved["tuned"]) == {"attention", "linear", "linear_nodecay", "grm"}
     for run in saved["runs"]:
         metrics = {row["metric"] for row in run["rows"]}
         assert {"ppl", "loss_by_position", "ar_hit_loss", "other_loss", "ar_hit_fraction",
                 "ppl_extrapolation"} <= metrics
         modes = {row["mode"] for row in run["rows"] if row["metric"] == "ppl_extrapolation"}
-        assert modes == ({"as_trained", "post_training_mc"} if run["variant"] == "linear" else {"as_trained"})
+        post = {"post_training_mc", "post_training_residual"} if run["variant"].startswith("linear") else set()
+        assert modes == {"as_trained"} | post
         mults = {row["multiplier"] for row in run["rows"] if row["metric"] == "ppl_extrapolation"}
         assert mults == {1, 2}
         for row in run["rows"]:

@@ -300,31 +300,39 @@ def frontier_plot(res: dict, path: Path) -> Path:
 
 def niah_summary(res: dict, metric: str = "accuracy") -> dict[str, dict[tuple[int, int], float]]:
     """``{variant: {(niah, multiplier): metric averaged over depths and seeds}}`` (``accuracy``: exact match,
-    ``byte_accuracy``: the fraction of answer bytes right)."""
-    acc: dict = defaultdict(lambda: defaultdict(list))
+    ``byte_accuracy``: the fraction of answer bytes right, ``teacher_forced_accuracy``: the same when the model
+    reads the true answer so far)."""
+    return {v: {k: _mean(xs) for k, xs in c.items()} for v, c in niah_seeds(res, metric).items()}
+
+
+def niah_seeds(res: dict, metric: str = "accuracy") -> dict[str, dict[tuple[int, int], list[float]]]:
+    """``{variant: {(niah, multiplier): [metric averaged over depths, one per seed]}}``."""
+    acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for run in res["runs"]:
         for row in run["rows"]:
             if metric in row:
-                acc[run["variant"]][(row["niah"], row["length_multiplier"])].append(row[metric])
-    return {v: {k: _mean(a) for k, a in c.items()} for v, c in acc.items()}
+                acc[run["variant"]][(row["niah"], row["length_multiplier"])][run.get("seed", 0)].append(row[metric])
+    return {v: {k: [_mean(xs) for xs in per_seed.values()] for k, per_seed in c.items()} for v, c in acc.items()}
 
 
 def niah_chance(niah: int, metric: str = "accuracy") -> float:
     """What a guesser that knows the answer's format but not the needle scores (mcrnn.data.niah's formats):
     S-NIAH-1/2 a 7-digit number without a leading zero, S-NIAH-3 a version-4 UUID (36 bytes: 30 random hex
-    digits, one of 4 variant digits, the fixed version digit and 4 dashes)."""
+    digits, one of 4 variant digits, the fixed version digit and 4 dashes). Byte accuracies, generated or
+    teacher-forced, have the same chance level."""
     if niah == 3:
-        return (30 / 16 + 1 / 4 + 5) / 36 if metric == "byte_accuracy" else 16.0 ** -30 / 4
-    return (1 / 9 + 6 / 10) / 7 if metric == "byte_accuracy" else 1 / (9 * 10 ** 6)
+        return (30 / 16 + 1 / 4 + 5) / 36 if metric != "accuracy" else 16.0 ** -30 / 4
+    return (1 / 9 + 6 / 10) / 7 if metric != "accuracy" else 1 / (9 * 10 ** 6)
 
 
 def niah_table(res: dict, metric: str = "accuracy") -> str:
-    s = niah_summary(res, metric)
+    s = niah_seeds(res, metric)
     keys = sorted({k for c in s.values() for k in c})
     L = run_info(res)[next(iter(s))]["train_seq_len"] if s else 0
-    what = {"accuracy": "exact match", "byte_accuracy": "byte accuracy"}.get(metric, metric)
+    what = {"accuracy": "exact match", "byte_accuracy": "byte accuracy",
+            "teacher_forced_accuracy": "teacher-forced byte accuracy"}.get(metric, metric)
     head = [f"variant ({what})"] + [f"S-NIAH-{t} @{m}x ({m * L})" for t, m in keys]
-    rows = [[f"`{v}`"] + [fmt(c.get(k)) for k in keys] for v, c in s.items()]
+    rows = [[f"`{v}`"] + [pm(c[k]) if k in c else "–" for k in keys] for v, c in s.items()]
     rows.append(["*chance (a guess in the answer's format)*"] + [fmt(niah_chance(t, metric)) for t, _ in keys])
     return md_table(head, rows)
 
@@ -845,8 +853,12 @@ def build(results: dict[str, dict], out: str | Path = "docs/results.md",
 
     doc += section("Single needle in a haystack (S-NIAH-1/2/3)", "niah", lambda res: [
         "Exact match of the greedy continuation (through `generate` with the model's cache), averaged over the "
-        "needle depths, then the fraction of answer bytes right (partial credit):", "", niah_table(res), "",
+        "needle depths (mean ± std over seeds), then the fraction of generated answer bytes right (partial "
+        "credit) and the fraction of answer bytes ranked first when the model reads the true answer so far "
+        "(teacher-forced, no error compounding):", "", niah_table(res), "",
         *([niah_table(res, "byte_accuracy"), ""] if niah_summary(res, "byte_accuracy") else []),
+        *([niah_table(res, "teacher_forced_accuracy"), ""] if niah_summary(res, "teacher_forced_accuracy")
+          else []),
         f"![niah]({rel}/{niah_plot(res, figs / 'niah.png').name})", ""])
     doc += section("Language modelling, length extrapolation and post-training MC", "lm", lambda res: [
         lm_table(res), "",
