@@ -490,3 +490,21 @@ def test_learning_rates_are_tuned_per_variant(tmp_path):
     from mcrnn.eval.common import final_metric
 
     assert final_metric(tmp_path / "nowhere", "eval_loss") != final_metric(tmp_path / "nowhere", "eval_loss")  # NaN
+
+
+def test_collect_then_rebuild_is_exact(tmp_path, monkeypatch):
+    src = tmp_path / "results" / "eval"
+    for name, res in FIXTURE.items():
+        (src / name / "full").mkdir(parents=True)
+        (src / name / "full" / "results.json").write_text(json.dumps(res))
+    (src / "half_done" / "full").mkdir(parents=True)  # an experiment still running: no results.json yet
+    monkeypatch.chdir(tmp_path)
+    assert report.main(["--collect", "results/eval"]) == 0
+    assert sorted(p.parent.parent.name for p in (tmp_path / "docs/results").glob("*/full/results.json")) \
+        == sorted(FIXTURE)
+    first = (tmp_path / "docs/results.md").read_text()
+    assert report.main([]) == 0  # a fresh clone: only the committed JSON
+    assert (tmp_path / "docs/results.md").read_text() == first
+    assert "Floats each model holds at the end" in first and "| `linear_k8` |" in first
+    assert (tmp_path / "docs/results/frontier.png").stat().st_size > 1000
+    assert report.main(["--collect", "nowhere"]) == 2

@@ -1,14 +1,18 @@
 """``mcrnn report``: the results JSON of ``mcrnn eval`` -> ``docs/results.md`` (tables, plots, paper claims).
 
-    mcrnn report [RESULTS_DIR ...] [--out docs/results.md] [--quick] [--claims configs/eval/claims.yaml]
+    mcrnn report [RESULTS_DIR ...] [--collect DIR] [--out docs/results.md] [--quick] [--claims ...]
 
-Every ``RESULTS_DIR`` (default ``results/eval``) is searched for ``<experiment>/full/results.json``
-(``--quick``: ``<experiment>/quick/results.json``). Each section of the report is built from the experiment
-it names (``mqar``, ``mqar_deep``, ``mqar_width``, ``ablations``, ``niah``, ``lm``, ``throughput``) and says
-which command, experiment file, commit and machine produced its numbers; a missing experiment leaves its
-section and its claims' checks "not measured". The paper's claims, and the experiments, variants, metric and
-comparison that measure each, are declared in ``--claims`` (see :func:`load_claims`); this module evaluates
-them with the verdict rules of :func:`contrast`. Figures go to ``<out stem>/`` next to the markdown file.
+Every ``RESULTS_DIR`` (default ``docs/results``, the results committed with the report) is searched for
+``<experiment>/full/results.json`` (``--quick``: ``<experiment>/quick/results.json``). ``--collect DIR`` first
+copies the finished experiments of ``DIR`` (e.g. ``results/eval``, where ``mcrnn eval`` writes) into
+``docs/results/<experiment>/full/``, replacing what was there: commit those small files with the report, and
+``mcrnn report`` on a fresh clone rebuilds ``docs/results.md`` exactly from them. Each section of the report
+is built from the experiment it names (``mqar``, ``mqar_deep``, ``mqar_width``, ``ablations``, ``niah``,
+``lm``, ``throughput``) and says which command, experiment file, commit and machine produced its numbers; a
+missing experiment leaves its section and its claims' checks "not measured". The paper's claims, and the
+experiments, variants, metric and comparison that measure each, are declared in ``--claims`` (see
+:func:`load_claims`); this module evaluates them with the verdict rules of :func:`contrast`. Figures go to
+``<out stem>/`` next to the markdown file.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import yaml
 from .common import mean_se, mean_std, state_counts
 
 NOT_MEASURED = "not measured"
+#: where the results the committed report is built from live (small JSON files, committed with it)
+COMMITTED = "docs/results"
 
 
 # --- loading -----------------------------------------------------------------------------------------------
@@ -42,6 +48,20 @@ def load_results(roots: list[str | Path], quick: bool = False) -> dict[str, dict
             with open(path, encoding="utf-8") as f:
                 found[name] = json.load(f)
     return found
+
+
+def collect(src: str | Path, dst: str | Path = COMMITTED) -> list[str]:
+    """Copy ``src/<experiment>/full/results.json`` to ``dst/<experiment>/full/results.json`` (atomically, one
+    file each); returns the experiments copied."""
+    from .common import write_json
+
+    done = []
+    for path in sorted(Path(src).glob("*/full/results.json")):
+        name = path.parent.parent.name
+        with open(path, encoding="utf-8") as f:
+            write_json(Path(dst) / name / "full" / "results.json", json.load(f))
+        done.append(name)
+    return done
 
 
 def mqar_cells(res: dict) -> dict[str, dict[tuple[int, int], list[float]]]:
@@ -266,24 +286,25 @@ def capacity_table(res: dict) -> str:
 
 
 def frontier_plot(res: dict, path: Path) -> Path:
-    """Zoology's recall-vs-state frontier, one panel per evaluated length: accuracy (mean ± std over seeds)
-    against the floats each model holds at the end of a sequence of that length (log scale)."""
+    """Zoology's recall-vs-state frontier, one panel per evaluated length at its largest pair count: accuracy
+    (mean ± std over seeds) against the floats each model holds at the end of a sequence of that length."""
     plt = _plt()
     cells, state = mqar_cells(res), capacity_state(res)
-    lens = sorted({L for c in cells.values() for L, _ in c})
+    hardest = {}
+    for c in cells.values():
+        for L, n in c:
+            hardest[L] = max(hardest.get(L, 0), n)
+    lens = sorted(hardest)
     fig, axes = plt.subplots(1, len(lens), figsize=(3.6 * len(lens), 3.6), squeeze=False, sharey=True)
-    for i, v in enumerate(cells):
-        for ax, L in zip(axes[0], lens, strict=True):
-            acc = [a for (LL, _), a in cells[v].items() if LL == L]
-            if not acc:
+    for ax, L in zip(axes[0], lens, strict=True):
+        for i, v in enumerate(cells):
+            if (L, hardest[L]) not in cells[v]:
                 continue
-            m, sd = mean_std(acc[0])
+            m, sd = mean_std(cells[v][(L, hardest[L])])
             ax.errorbar([state[v][L]], [m], yerr=[sd], marker="os^vD<>ph*"[i % 10], capsize=2, color=f"C{i % 10}",
                         label=v, linestyle="none")
-    for ax, L in zip(axes[0], lens, strict=True):
-        n = next((n for c in cells.values() for (LL, n) in c if LL == L), None)
         ax.set_xscale("log")
-        ax.set_title(f"L={L}, n={n} pairs")
+        ax.set_title(f"L={L}, n={hardest[L]} pairs")
         ax.set_xlabel("floats held at the end")
         ax.set_ylim(-0.02, 1.02)
     axes[0][0].set_ylabel("accuracy")
@@ -837,6 +858,14 @@ def build(results: dict[str, dict], out: str | Path = "docs/results.md",
         png = mqar_plot(res, figs / f"{name}.png", name)
         doc += [f"![{name}]({rel}/{png.name})", ""]
         if name == "mqar":
+            fp = frontier_plot(res, figs / "frontier.png")
+            doc += ["Floats each model holds at the end of a sequence of each evaluated length (all layers: the KV "
+                    "cache for attention, the state plus every cached state and key summary for MC; a fixed "
+                    "state stays flat):", "", capacity_table(res), "",
+                    "Recall against those floats, one panel per length (Zoology's recall-vs-state frontier; "
+                    "each point is one variant, mean ± std over seeds at the largest pair count evaluated at that "
+                    "length):", "",
+                    f"![frontier]({rel}/{fp.name})", ""]
             sp = state_plot([r for k, r in results.items() if k in ("mqar", "mqar_deep", "mqar_width")],
                             figs / "state.png")
             doc += ["Accuracy at the training length and its hardest pair count against the floats each model "
@@ -874,11 +903,19 @@ def build(results: dict[str, dict], out: str | Path = "docs/results.md",
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mcrnn report", description=__doc__.split("\n\n")[0])
-    p.add_argument("roots", nargs="*", default=["results/eval"], help="directories holding experiment results")
+    p.add_argument("roots", nargs="*", default=[COMMITTED], help="directories holding experiment results")
+    p.add_argument("--collect", default=None, metavar="DIR",
+                   help=f"copy DIR/<experiment>/full/results.json into {COMMITTED}/ first (e.g. results/eval)")
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--quick", action="store_true", help="read the --quick results instead of the full ones")
     p.add_argument("--claims", default=DEFAULT_CLAIMS, help="the claims and their checks (YAML)")
     args = p.parse_args(argv)
+    if args.collect:
+        copied = collect(args.collect, COMMITTED)
+        if not copied:
+            print(f"mcrnn report: no <experiment>/full/results.json under {args.collect}", file=sys.stderr)
+            return 2
+        print(f"collected {', '.join(copied)} into {COMMITTED}/")
     results = load_results(args.roots, quick=args.quick)
     if not results:
         print(f"mcrnn report: no results.json under {args.roots} (run `mcrnn eval ...` first)", file=sys.stderr)
