@@ -12,7 +12,7 @@ import yaml
 from mcrnn.data import mqar_spread
 from mcrnn.eval import load_experiment, report, run_task, state_floats
 from mcrnn.eval import mqar as mqar_task
-from mcrnn.eval.cli import SWEEP, parse_dotted
+from mcrnn.eval.cli import GPU_SWEEP, SWEEP, parse_dotted
 from mcrnn.eval.common import deep_merge, mean_se, mean_std, state_counts
 from mcrnn.ops import MEMORIES
 
@@ -227,7 +227,7 @@ def test_cli_eval_errors(capsys):
     assert "not 'mqar'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task,rel", SWEEP)
+@pytest.mark.parametrize("task,rel", SWEEP + GPU_SWEEP)
 def test_sweep_files_are_valid(task, rel):
     for quick in (False, True):
         exp = load_experiment(ROOT / rel, task, quick=quick)
@@ -508,3 +508,12 @@ def test_collect_then_rebuild_is_exact(tmp_path, monkeypatch):
     assert "Floats each model holds at the end" in first and "| `linear_k8` |" in first
     assert (tmp_path / "docs/results/frontier.png").stat().st_size > 1000
     assert report.main(["--collect", "nowhere"]) == 2
+
+
+def test_gpu_suite_quick_runs_on_cpu(tmp_path):
+    from mcrnn.cli import main
+
+    assert main(["eval", "all", "--suite", "gpu", "--quick", "--root", str(tmp_path)]) == 0
+    found = report.load_results([tmp_path], quick=True)
+    assert set(found) == {"mqar", "niah", "lm"} and all(r["tuned"] for r in found.values())
+    assert found["mqar"]["config"]["base"]["data"]["vocab_size"] == 512  # the quick section's

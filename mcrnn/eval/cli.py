@@ -2,7 +2,7 @@
 
     mcrnn eval TASK CONFIG.yaml [--quick] [--out DIR] [--jobs N] [--threads N] [--only V1,V2] [--retrain]
                                 [--dotted.path=value ...]
-    mcrnn eval all [--quick] [--jobs N] [--threads N] [--root results/eval]
+    mcrnn eval all [--suite cpu|gpu] [--quick] [--jobs N] [--threads N] [--root DIR]
     mcrnn eval lm|niah [CONFIG.yaml] --model PATH [--mc.key=value ...] [--quick] [--out DIR] [--device D]
 
 ``--dotted.path=value`` overrides any entry of the experiment file, read as YAML
@@ -36,6 +36,13 @@ SWEEP = [
     ("lm", "configs/eval/lm.yaml"),
     ("throughput", "configs/eval/throughput.yaml"),
 ]
+#: the same experiments at Zoology's scale for one H100/H200 (`mcrnn eval all --suite gpu`)
+GPU_SWEEP = [
+    ("mqar", "configs/eval/gpu/mqar.yaml"),
+    ("niah", "configs/eval/gpu/niah.yaml"),
+    ("lm", "configs/eval/gpu/lm.yaml"),
+]
+SUITES = {"cpu": (SWEEP, "results/eval"), "gpu": (GPU_SWEEP, "results/eval_gpu")}
 
 
 def parse_dotted(args: list[str]) -> dict:
@@ -72,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", help="experiment file (configs/eval/*.yaml); not with 'all'")
     p.add_argument("--quick", action="store_true", help="apply the file's `quick` section (a smoke run)")
     p.add_argument("--out", default=None, help="output directory (default results/eval/<stem>/<full|quick>)")
-    p.add_argument("--root", default="results/eval", help="with 'all': where each experiment writes")
+    p.add_argument("--root", default=None,
+                   help="with 'all': where each experiment writes (default results/eval, gpu: results/eval_gpu)")
+    p.add_argument("--suite", default="cpu", choices=sorted(SUITES),
+                   help="with 'all': the CPU sweep or its GPU-scale version (configs/eval/gpu/)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (worker processes)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per job")
     p.add_argument("--only", default=None, help="comma-separated variants to run")
@@ -98,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             print("mcrnn eval all: takes no CONFIG (it runs every file of the sweep)", file=sys.stderr)
             return 2
         t0 = time.perf_counter()
-        for task, rel in SWEEP:
+        sweep, default_root = SUITES[args.suite]
+        args.root = args.root or default_root
+        for task, rel in sweep:
             cfg = repo_path(rel)
             out = Path(args.root) / cfg.stem / ("quick" if args.quick else "full")
             t1 = time.perf_counter()
@@ -106,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             run_task(task, cfg, out=out, quick=args.quick, jobs=args.jobs, threads=args.threads,
                      overrides=overrides or None, retrain=args.retrain)
             print(f"=== {rel}: {time.perf_counter() - t1:.0f} s", flush=True)
-        print(f"sweep done in {time.perf_counter() - t0:.0f} s; build the report with `mcrnn report "
-              f"{args.root}`", flush=True)
+        out_md = "docs/results.md" if args.suite == "cpu" else "docs/results_gpu.md"
+        print(f"sweep done in {time.perf_counter() - t0:.0f} s; build the report with `mcrnn report --collect "
+              f"{args.root} --out {out_md}`" if args.suite == "cpu" else
+              f"sweep done in {time.perf_counter() - t0:.0f} s; build its report with `mcrnn report {args.root} "
+              f"--out {out_md}`", flush=True)
         return 0
     if args.task not in TASKS:
         print(f"mcrnn eval: unknown task {args.task!r} (choose one of {', '.join(TASKS)} or all)", file=sys.stderr)
