@@ -34,16 +34,17 @@ demo: install
 bench: install
 	$(PY) benchmarks/ops.py
 
-# the evaluation sweep behind docs/results.md (about 2 hours on 2 cores), then the report
+# the evaluation sweep behind docs/results.md (hours on 2 cores), then the report from its results
 eval: install
 	$(PY) -m mcrnn eval all --jobs 2 --threads 1
-	$(PY) -m mcrnn report
+	$(PY) -m mcrnn report --collect results/eval
 
 # every task on tiny models (minutes): checks the pipeline, the numbers mean nothing
 eval-quick: install
 	$(PY) -m mcrnn eval all --quick --jobs 2 --threads 1
-	$(PY) -m mcrnn report --quick --out results/eval/quick_report.md
+	$(PY) -m mcrnn report results/eval --quick --out results/eval/quick_report.md
 
+# docs/results.md from the results committed under docs/results
 report: install
 	$(PY) -m mcrnn report
 
