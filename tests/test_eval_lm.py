@@ -165,7 +165,8 @@ def test_quick_run(tmp_path):
         assert {"ppl", "loss_by_position", "ar_hit_loss", "other_loss", "ar_hit_fraction",
                 "ppl_extrapolation"} <= metrics
         modes = {row["mode"] for row in run["rows"] if row["metric"] == "ppl_extrapolation"}
-        post = {"post_training_mc", "post_training_residual"} if run["variant"].startswith("linear") else set()
+        post = {"post_training_mc", "post_training_residual", "post_training_online0.5"} \
+            if run["variant"].startswith("linear") else set()
         assert modes == {"as_trained"} | post
         mults = {row["multiplier"] for row in run["rows"] if row["metric"] == "ppl_extrapolation"}
         assert mults == {1, 2}
@@ -187,3 +188,17 @@ def test_post_training_residual_matches_mean_up_to_the_norm_epsilon():
     assert (a - b).norm() < 1e-3 * (a - base).norm()
     with pytest.raises(ValueError, match="must be one of"):
         with_post_training_mc(model, 16, "grm")
+
+
+def test_post_training_entries():
+    from mcrnn.eval.lm import post_training_modes
+
+    assert post_training_modes(["mean", "residual", {"online_weight": 0.5}]) == [
+        ("post_training_mc", "mean", None), ("post_training_residual", "residual", None),
+        ("post_training_online0.5", "mean", 0.5)]
+    for bad in (["grm"], [{"online_weight": 0}], [{"weight": 0.5}]):
+        with pytest.raises(ValueError, match="eval.post_training"):
+            post_training_modes(bad)
+    model = _tiny()
+    half = with_post_training_mc(model, 16, "mean", 0.5)
+    assert half.config.online_weight == 0.5 and half.config.aggregation == "mean"

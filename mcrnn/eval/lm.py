@@ -10,7 +10,8 @@ and tokenizer (``data.source``/``data.tokenizer``)::
       length_multipliers: [1, 2, 4, 8] # extrapolation: windows of m * L
       max_windows: 64                  # extrapolation: at most this many windows of the largest m * L
       batch_tokens: 16384              # tokens per forward batch (windows per batch = batch_tokens // length)
-      post_training: [mean]            # post-training MC aggregations read on a base trained without MC
+      post_training: [mean]            # post-training MC read on a base trained without MC: mean, residual,
+                                       # or {online_weight: w} (mean with the online read's share fixed at w)
 
 Rows (all losses are mean next-token NLL in nats, token-weighted over every window):
 
@@ -26,7 +27,9 @@ Rows (all losses are mean next-token NLL in nats, token-weighted over every wind
   (``aggregation: none``) also ``"post_training_mc"``: the same weights read with the ``mean`` aggregation
   over ``independent`` segments of L (SPEC §2.3, :func:`with_post_training_mc`), and with
   ``post_training: [mean, residual]`` also ``"post_training_residual"`` (the sum instead of the mean: with the
-  per-head RMSNorm after the read the two differ only in the norm's epsilon, which this measures). Attention
+  per-head RMSNorm after the read the two differ only in the norm's epsilon, which this measures), and with
+  ``{online_weight: w}`` ``"post_training_online<w>"`` (the online read keeps the share ``w`` instead of
+  ``1/(N+1)``). Attention
   models keep their RoPE as it is. Every multiplier is measured on the *same* tokens (the first ``W · M · L``
   of the split, ``M`` the largest multiplier that fits, ``W <= max_windows``), so the rows differ only in the
   context the model gets, not in the text. Multipliers with no full window in the split are skipped.
@@ -203,7 +206,24 @@ def lm_metrics(logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tens
 POST_TRAINING = {"mean": "post_training_mc", "residual": "post_training_residual"}
 
 
-def with_post_training_mc(model, segment_size: int, aggregation: str = "mean"):
+def post_training_modes(entries) -> list[tuple[str, str, float | None]]:
+    """``[(mode, aggregation, online_weight)]`` of ``eval.post_training`` entries (see the module docstring)."""
+    out = []
+    for e in entries:
+        if isinstance(e, dict) and set(e) == {"online_weight"}:
+            w = e["online_weight"]
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
+                raise ValueError(f"eval.post_training: online_weight must be a number in (0, 1], got {w!r}")
+            out.append((f"post_training_online{w:g}", "mean", float(w)))
+        elif isinstance(e, str) and e in POST_TRAINING:
+            out.append((POST_TRAINING[e], e, None))
+        else:
+            raise ValueError(f"eval.post_training: unknown entry {e!r} (choose from {list(POST_TRAINING)} or "
+                             f"{{online_weight: w}})")
+    return out
+
+
+def with_post_training_mc(model, segment_size: int, aggregation: str = "mean", online_weight: float | None = None):
     """The same weights read with post-training Memory Caching (SPEC §2.3): a new model, in eval mode.
 
     Rebuilds ``model`` (an :class:`~mcrnn.models.MCForCausalLM` trained without MC, ``aggregation="none"``)
@@ -223,6 +243,7 @@ def with_post_training_mc(model, segment_size: int, aggregation: str = "mean"):
     new_cfg = copy.deepcopy(cfg)
     new_cfg.aggregation, new_cfg.init, new_cfg.segmentation = aggregation, "independent", "constant"
     new_cfg.segment_size = int(segment_size)
+    new_cfg.online_weight = online_weight
     new_cfg.validate()
     new = MCForCausalLM(new_cfg)
     new.load_state_dict(model.state_dict(), strict=True)
@@ -299,12 +320,9 @@ def evaluate(model, cfg: Config, spec: dict, variant: str) -> list[dict]:
     W = min(int(spec.get("max_windows", 64)), (tokens.numel() - 1) // (M * L))
     span = tokens[:W * M * L + 1]
     models = [("as_trained", model)]
-    post = spec.get("post_training", ["mean"])
-    bad = [a for a in post if a not in POST_TRAINING]
-    if bad:
-        raise ValueError(f"eval.post_training: unknown aggregation {bad[0]!r} (choose from {list(POST_TRAINING)})")
+    post = post_training_modes(spec.get("post_training", ["mean"]))
     if _post_training_mc_applies(model):
-        models += [(POST_TRAINING[a], with_post_training_mc(model, L, a)) for a in post]
+        models += [(mode, with_post_training_mc(model, L, a, w)) for mode, a, w in post]
     for mode, m_model in models:
         for m in fits:
             xm, ym = pack_causal(span, m * L)

@@ -73,6 +73,7 @@ class MemoryCachingAttention(nn.Module):
         backend: str | None = None,
         allow_neg_eigval: bool = False,
         fixed_gates: tuple[str, ...] = (),
+        online_weight: float | None = None,
         spec: MCSpec | None = None,
     ):
         super().__init__()
@@ -80,7 +81,8 @@ class MemoryCachingAttention(nn.Module):
             spec = MCSpec(memory=memory, aggregation=aggregation, segment_size=segment_size,
                           segmentation=segmentation, init=init, top_k=top_k, mini_batch=mini_batch,
                           cache_scores=cache_scores, use_u=use_u, memory_depth=memory_depth, expansion=expansion,
-                          backend=backend, allow_neg_eigval=allow_neg_eigval, fixed_gates=tuple(fixed_gates))
+                          backend=backend, allow_neg_eigval=allow_neg_eigval, fixed_gates=tuple(fixed_gates),
+                          online_weight=online_weight)
         elif not isinstance(spec, MCSpec):
             raise ValueError(f"`spec` must be an mcrnn.ops.MCSpec, got {type(spec).__name__}")
         self.spec = spec

@@ -39,6 +39,8 @@ class MCConfig(PretrainedConfig):
             "input" (the ablation of context-dependent gates: `p_i` is segment i's mean position over
             `segment_size` and `u_t` one scalar per head; scored aggregations only, needs `use_u`).
         allow_neg_eigval: the delta rule's `beta` in [0, 2] instead of [0, 1] (negative eigenvalues).
+        online_weight: `mean` only: the online read's share of the output (the caches split the rest evenly)
+            instead of the uniform `1/(N + 1)` (None).
         fixed_gates: names of the memory's gates held at their default instead of learned (e.g. `["decay"]`:
             linear attention without decay, a base that forgets nothing).
         backend: where the cached reads run: "auto" | "torch" | "triton" | None (the environment's
@@ -85,6 +87,7 @@ class MCConfig(PretrainedConfig):
         backend: str | None = None,
         allow_neg_eigval: bool = False,
         fixed_gates: list[str] | None = None,
+        online_weight: float | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -115,6 +118,7 @@ class MCConfig(PretrainedConfig):
         self.cache_scores = cache_scores
         self.backend = backend
         self.allow_neg_eigval = allow_neg_eigval
+        self.online_weight = online_weight
         self.fixed_gates = list(fixed_gates) if isinstance(fixed_gates, (list, tuple)) else (fixed_gates or [])
         self.conv_size = conv_size
         self.norm_eps = norm_eps
@@ -156,7 +160,8 @@ class MCConfig(PretrainedConfig):
                       cache_scores=self.cache_scores, use_u=self.use_u, memory_depth=self.memory_depth,
                       expansion=self.expansion, backend=self.backend,
                       allow_neg_eigval=self.allow_neg_eigval,
-                      fixed_gates=tuple(self.fixed_gates) if isinstance(self.fixed_gates, list) else self.fixed_gates)
+                      fixed_gates=tuple(self.fixed_gates) if isinstance(self.fixed_gates, list) else self.fixed_gates,
+                      online_weight=self.online_weight)
 
     # ---- validation ----------------------------------------------------------------------------------------
     def validate(self) -> None:

@@ -102,26 +102,44 @@ class Residual(Aggregation):
 
 
 class Mean(Aggregation):
-    """`mean` (post-training MC): the uniform average of the online read and the visible caches' reads."""
+    """`mean` (post-training MC): the uniform average of the online read and the visible caches' reads.
+
+    With `online_weight = w` (`MCSpec.online_weight`) the online read keeps the share `w` and the `N >= 1`
+    visible caches split `1 - w` evenly: `w r_s + (1 - w)/N Σ_{i<s} r_i` (no cache: `r_s`). The uniform mean is
+    `w = 1/(N + 1)`, which shrinks as the context grows."""
 
     name = "mean"
 
+    def __init__(self, online_weight: float | None = None):
+        self.online_weight = online_weight
+
+    def _weights(self, n_visible: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(online weight, weight of each visible cache)` for `n_visible` caches (any shape, ints)."""
+        n = n_visible.to(dtype)
+        if self.online_weight is None:
+            return 1 / (n + 1), 1 / (n + 1)
+        w = torch.where(n > 0, torch.full_like(n, self.online_weight), torch.ones_like(n))
+        return w, (1 - w) / n.clamp_min(1)
+
     def token(self, mem, online, cache, q, r_on, z, z_on, *, scale, top_k):
         N = next(iter(cache.values())).shape[2]
-        return (r_on + mem.read_cached(cache, q, scale).sum(2)) / (N + 1) if N else r_on
+        if not N:
+            return r_on
+        w_on, w_c = self._weights(torch.tensor(N), r_on.dtype)
+        return w_on * r_on + w_c * mem.read_cached(cache, q, scale).sum(2)
 
     def block(self, mem, q, u, r, p_on, visible, p, cache, *, scale, score_scale, top_k):
-        w = visible.to(q.dtype).expand(*q.shape[:2], *visible.shape)
-        n_read = (visible.sum(-1, keepdim=True) + 1).to(q.dtype)  # the caches + the online memory
-        return r / n_read + mem.read_weighted(cache, w / n_read, q, scale)
+        w_on, w_c = self._weights(visible.sum(-1, keepdim=True), q.dtype)  # [t, 1]
+        w = (visible.to(q.dtype) * w_c).expand(*q.shape[:2], *visible.shape)
+        return r * w_on + mem.read_weighted(cache, w, q, scale)
 
     def whole_call(self, mem, q, u, r, p_on, pool_p, cache, visible, spans, *, scale, score_scale, top_k):
         if not mem.span_reads or pool_p.shape[2] == 0:
             return None
         vis = visible(0, q.shape[2])
-        n_read = (vis.sum(-1, keepdim=True) + 1).to(q.dtype)
-        w = (vis.to(q.dtype) / n_read).expand(*q.shape[:2], -1, -1)
-        return r / n_read + mem.read_weighted_spans(cache, w, q, spans, scale)
+        w_on, w_c = self._weights(vis.sum(-1, keepdim=True), q.dtype)
+        w = (vis.to(q.dtype) * w_c).expand(*q.shape[:2], -1, -1)
+        return r * w_on + mem.read_weighted_spans(cache, w, q, spans, scale)
 
 
 class GRM(Aggregation):
@@ -275,7 +293,12 @@ _BY_NAME: dict[str, Aggregation] = {a.name: a for a in (NoAggregation(), Residua
 AGGREGATIONS: tuple[str, ...] = tuple(_BY_NAME)
 
 
-def get_aggregation(name: str) -> Aggregation:
+def get_aggregation(name: str, online_weight: float | None = None) -> Aggregation:
+    """The aggregation `name`; `online_weight` configures `mean` (see :class:`Mean`)."""
     if name not in _BY_NAME:
         raise ValueError(f"unknown `aggregation` {name!r}: choose one of {list(AGGREGATIONS)}")
+    if online_weight is not None:
+        if name != "mean":
+            raise ValueError(f"`online_weight` applies to aggregation='mean' only, got aggregation={name!r}")
+        return Mean(online_weight)
     return _BY_NAME[name]

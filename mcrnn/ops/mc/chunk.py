@@ -346,6 +346,8 @@ def _triton_aggregate(opts: MCOptions, q, u, r, p_on, pool_states: State, pool_p
     backend = opts.spec.resolved_backend()
     if backend == "torch" or not (opts.memory.linear_read and set(pool_states) == {"S"}) or not pool_p.shape[2]:
         return None
+    if opts.spec.online_weight is not None:  # the kernels weigh `mean` uniformly
+        return None
     if backend == "auto" and not q.is_cuda:
         return None
     try:

@@ -48,6 +48,8 @@ class MCSpec:
         memory_depth, expansion: layers only: the deep memories' MLP (depth 1 or 2, hidden `expansion · K`).
         allow_neg_eigval: layers only: gates whose ops accept more than [0, 1] (the delta rule's `beta` in
             [0, 2]: negative eigenvalues of `I − β k kᵀ`) are produced over their full range.
+        online_weight: `mean` only: the online read's share of the output (the caches split the rest evenly)
+            instead of the uniform `1/(N + 1)`; None: uniform.
         fixed_gates: layers only: names of the memory's gates that are not learned but held at the value an op
             uses when the gate is not given (`Gate.default`; e.g. `("decay",)`: linear attention without decay).
         backend: "auto" | "torch" | "triton" | None (the environment's `MCRNN_BACKEND`, else "auto"): where the
@@ -68,10 +70,17 @@ class MCSpec:
     allow_neg_eigval: bool = False
     backend: str | None = None
     fixed_gates: tuple[str, ...] = ()
+    online_weight: float | None = None
 
     def __post_init__(self):
         get_memory(self.memory)  # ValueError naming `memory`
         get_aggregation(self.aggregation)  # ValueError naming `aggregation`
+        w = self.online_weight
+        if w is not None:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
+                raise ValueError(f"`online_weight` must be a number in (0, 1], got {w!r}")
+            get_aggregation(self.aggregation, float(w))  # ValueError unless aggregation='mean'
+            object.__setattr__(self, "online_weight", float(w))
         if self.segmentation not in SEGMENTATIONS:
             raise ValueError(f"unknown `segmentation` {self.segmentation!r}: choose one of {list(SEGMENTATIONS)}")
         if self.init not in INITS:
@@ -154,7 +163,7 @@ class MCSpec:
 
     @property
     def agg(self) -> Aggregation:
-        return get_aggregation(self.aggregation)
+        return get_aggregation(self.aggregation, self.online_weight)
 
     @property
     def independent(self) -> bool:
