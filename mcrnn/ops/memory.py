@@ -12,6 +12,8 @@ the compute dtype (float32, float64 for float64 inputs). A state is a dict of te
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -111,6 +113,10 @@ class Memory:
         `positions`: exclusive ends whose readable state is returned.
         Returns `o: [B, H, T, V]` (None when `q` is None), snapshots `[B, H, E, ...]` (readable keys, None
         when `positions` is empty) and the full final state.
+
+        A memory with a kernel scan adds a keyword `backend: str = "torch"` ("auto" | "torch" | "triton", see
+        :mod:`mcrnn.ops.backend`); Memory Caching passes its resolved backend to the memories whose `scan`
+        takes one (:func:`scan_takes_backend`) and nothing to the others.
         """
         raise NotImplementedError
 
@@ -175,3 +181,14 @@ class Memory:
         `scan_kwargs`: the arguments of :meth:`scan` for the online memory. Only memories whose read is not
         linear need this hook."""
         raise NotImplementedError(f"memory {self.name!r} has no Memory Soup over non-linear reads")
+
+
+@functools.cache
+def _scan_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.scan).parameters)
+
+
+def scan_takes_backend(memory: Memory) -> bool:
+    """Does `memory.scan` take a `backend` keyword (a memory with a kernel scan)? Memories written before the
+    keyword existed, and those without kernels, do not."""
+    return "backend" in _scan_parameters(type(memory))

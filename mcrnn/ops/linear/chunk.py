@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from mcrnn.ops.backend import resolve_backend, triton_kernels
 from mcrnn.ops.utils import check_gate, check_qkv, compute_dtype, default_scale, to_heads_first
 
 CHUNK_SIZE = 64
@@ -60,6 +61,7 @@ def linear_scan(
     initial_state: torch.Tensor | None = None,
     positions: Sequence[int] = (),
     chunk_size: int = CHUNK_SIZE,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """The recurrence `S_t = a_t S_{t-1} + k_t v_tᵀ`, `o_t = q_tᵀ S_t`, computed chunk by chunk.
 
@@ -69,10 +71,18 @@ def linear_scan(
     `resets`: token positions at which the state restarts from zero *before* that token's update.
     `positions`: exclusive ends `e` in `1..T` whose state (after token `e - 1`) is returned.
 
+    `backend`: "torch" (this function's PyTorch code) | "auto" | "triton" (:func:`mcrnn.ops.triton.chunk_scan`
+    where it runs and covers the call, see :mod:`mcrnn.ops.backend`; it picks its own chunk size and returns
+    the states in float32).
+
     Returns `o: [B, H, T, V]` (None when `q` is None), the snapshots `[B, H, len(positions), K, V]`
     (None when empty) and the final state `[B, H, K, V]`.
     The only Python loop is over chunks (`T / chunk_size` steps of a `[K, V]` update).
     """
+    if backend != "torch":
+        kernels = triton_kernels(resolve_backend(backend), k)
+        if kernels is not None and kernels.scan_unsupported_reason(q, k, v, log_decay, initial_state) is None:
+            return kernels.chunk_scan(q, k, v, log_decay, resets, initial_state, positions)
     B, H, T, K = k.shape
     V = v.shape[-1]
     c = min(chunk_size, T)
@@ -156,6 +166,7 @@ def chunk_linear(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(Decayed) linear attention, chunk-parallel: `S_t = a_t S_{t-1} + k_t v_tᵀ`, `o_t = scale · q_tᵀ S_t`.
 
@@ -164,6 +175,8 @@ def chunk_linear(
         decay: `[B, T, H]` gate `a_t` in [0, 1] (None: 1, plain linear attention).
         scale: multiplies q; default `K ** -0.5`.
         initial_state: `[B, H, K, V]`.
+        backend: "auto" | "torch" | "triton" | None (the environment's `MCRNN_BACKEND`, else "auto"): the
+            Triton scan (:mod:`mcrnn.ops.backend`) or PyTorch.
     Returns:
         `o: [B, T, H, V]` in q's dtype and, if `output_final_state`, the final state `[B, H, K, V]` (float32,
         or float64 for float64 inputs).
@@ -175,8 +188,10 @@ def chunk_linear(
     scale = default_scale(scale, K)
     log_a = _log_decay(to_heads_first(decay, dt)) if decay is not None else None
     s0 = initial_state.to(dt) if initial_state is not None else None
+    backend = resolve_backend(backend)
     o, _, final = linear_scan(
-        to_heads_first(q, dt) * scale, to_heads_first(k, dt), to_heads_first(v, dt), log_a, initial_state=s0
+        to_heads_first(q, dt) * scale, to_heads_first(k, dt), to_heads_first(v, dt), log_a, initial_state=s0,
+        backend=backend,
     )
     return o.transpose(1, 2).to(q.dtype), (final if output_final_state else None)
 

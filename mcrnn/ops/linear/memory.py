@@ -56,10 +56,11 @@ class LinearMemory(Memory):
     def read_groups(self, states, q, scale):
         return (q * scale) @ states["S"]
 
-    def scan(self, q, k, v, gates, *, initial, segment_starts, resets, positions, offset, scale, params, mini_batch):
+    def scan(self, q, k, v, gates, *, initial, segment_starts, resets, positions, offset, scale, params, mini_batch,
+             backend="torch"):
         log_a = _log_decay(gates["decay"]) if "decay" in gates else None
         o, snaps, final = linear_scan(
             q * scale if q is not None else None, k, v, log_a,
-            resets=resets, initial_state=initial["S"], positions=positions,
+            resets=resets, initial_state=initial["S"], positions=positions, backend=backend,
         )
         return o, ({"S": snaps} if snaps is not None else None), {"S": final}

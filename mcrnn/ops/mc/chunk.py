@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from mcrnn.ops.backend import triton_kernels
 from mcrnn.ops.mc.aggregations import scores
 from mcrnn.ops.mc.plan import Plan, make_packed_plan, make_plan
 from mcrnn.ops.mc.spec import MCSpec
@@ -28,7 +29,7 @@ from mcrnn.ops.mc.state import (
     state_rows,
 )
 from mcrnn.ops.mc.step import memory_caching_step
-from mcrnn.ops.memory import State
+from mcrnn.ops.memory import State, scan_takes_backend
 from mcrnn.ops.utils import to_heads_first
 
 #: tokens per aggregation block (whole segments are grouped up to this size; longer segments are split)
@@ -85,7 +86,8 @@ def memory_caching(
             their sums, so a continuing call must pass summary keys of the same dim.
         spec: an :class:`MCSpec` holding the settings (memory, aggregation, segment_size, segmentation, init,
             top_k, mini_batch, backend), validated once, instead of passing them one by one.
-        backend: "auto" (Triton kernels for the cached reads of CUDA tensors when triton imports) | "torch" |
+        backend: "auto" (Triton kernels for the cached reads, and for the scan of the memories that have one
+            (linear, swla), of CUDA tensors when triton imports) | "torch" |
             "triton" (the kernels wherever they run: CPU tensors under `TRITON_INTERPRET=1` too) | None (the
             environment's `MCRNN_BACKEND`, else "auto"). Calls the kernels do not cover use PyTorch.
         cu_seqlens: packed sequences (fla's convention): `B == 1` and a 1-D int tensor `[0, e_1, ..., T]`;
@@ -168,6 +170,8 @@ def _run_memories(
     seg_starts = [s for j, s in enumerate(plan.seg_start) if not (j == 0 and plan.continues)]
     common = dict(segment_starts=seg_starts, offset=state.seg_len, scale=opts.scale, params=opts.params,
                   mini_batch=opts.mini_batch)
+    if scan_takes_backend(mem):  # a memory with a kernel scan (linear, swla): the spec's backend picks it
+        common["backend"] = opts.spec.resolved_backend()
     finals, snaps = {}, {}
     for lv, run in plan.runs.items():
         if lv == 0:
@@ -343,18 +347,12 @@ def _triton_aggregate(opts: MCOptions, q, u, r, p_on, pool_states: State, pool_p
     """The cached reads in the Triton kernels (`mcrnn.ops.triton`, imported here only) when the backend asks
     for them and they cover the call (a memory read linearly from one `S: [K, V]`, a covered aggregation, dims
     and dtypes they take); None otherwise (then PyTorch computes it)."""
-    backend = opts.spec.resolved_backend()
-    if backend == "torch" or not (opts.memory.linear_read and set(pool_states) == {"S"}) or not pool_p.shape[2]:
+    if not (opts.memory.linear_read and set(pool_states) == {"S"}) or not pool_p.shape[2]:
         return None
     if opts.spec.online_weight is not None:  # the kernels weigh `mean` uniformly
         return None
-    if backend == "auto" and not q.is_cuda:
-        return None
-    try:
-        import mcrnn.ops.triton as kernels
-    except ImportError:  # triton is an optional extra
-        return None
-    if not (q.is_cuda or kernels.INTERPRET):  # CPU tensors need triton imported with TRITON_INTERPRET=1
+    kernels = triton_kernels(opts.spec.resolved_backend(), q)
+    if kernels is None:
         return None
     S = pool_states["S"]
     if kernels.unsupported_reason(q, S, opts.aggregation, u) is not None:

@@ -7,9 +7,9 @@ from its keyword arguments). Every check of these settings lives here and nowher
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
+from mcrnn.ops.backend import BACKENDS, resolve_backend
 from mcrnn.ops.mc.aggregations import AGGREGATIONS, Aggregation, get_aggregation
 from mcrnn.ops.memory import Memory
 from mcrnn.ops.registry import get_memory
@@ -21,10 +21,6 @@ INITS = ("checkpoint", "independent")
 #: context-dependent gates: the weights depend on the current token and the segments' age only)
 CACHE_SCORES = ("context", "input")
 MEMORY_DEPTHS = (1, 2)
-#: where the cached reads run: "auto" (Triton kernels for CUDA tensors when triton imports, else PyTorch),
-#: "torch", or "triton" (the kernels wherever they can run, CPU tensors under TRITON_INTERPRET=1 included).
-#: A call the kernels do not cover falls back to PyTorch. None: the environment's MCRNN_BACKEND, else "auto".
-BACKENDS = ("auto", "torch", "triton")
 
 
 def _is_int(x) -> bool:
@@ -53,7 +49,7 @@ class MCSpec:
         fixed_gates: layers only: names of the memory's gates that are not learned but held at the value an op
             uses when the gate is not given (`Gate.default`; e.g. `("decay",)`: linear attention without decay).
         backend: "auto" | "torch" | "triton" | None (the environment's `MCRNN_BACKEND`, else "auto"): where the
-            cached reads run (see :data:`BACKENDS`).
+            cached reads and the base memory's scan run (see :mod:`mcrnn.ops.backend`).
     """
 
     memory: str = "linear"
@@ -140,12 +136,7 @@ class MCSpec:
 
     def resolved_backend(self) -> str:
         """The backend of a call: the spec's, else the environment's `MCRNN_BACKEND`, else "auto"."""
-        if self.backend is not None:
-            return self.backend
-        env = os.environ.get("MCRNN_BACKEND", "auto")
-        if env not in BACKENDS:
-            raise ValueError(f"the environment's MCRNN_BACKEND={env!r} is not one of {list(BACKENDS)}")
-        return env
+        return resolve_backend(self.backend)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> MCSpec:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mcrnn.ops.backend import resolve_backend
 from mcrnn.ops.linear.chunk import _log_decay, check_state, linear_scan
 from mcrnn.ops.utils import check_gate, check_qkv, compute_dtype, default_scale, to_heads_first
 
@@ -27,12 +28,14 @@ def swla_scan(
     initial_state: dict[str, torch.Tensor] | None = None,
     resets: Sequence[int] = (),
     positions: Sequence[int] = (),
+    backend: str = "torch",
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
     """Heads-first SWLA (`q` already scaled, gates `[B, H, T]` or None meaning 1).
 
     `resets` restart the state from zero before that token, dropping the `b_t k_{t-1} v_{t-1}ᵀ` term (SPEC §1:
     the previous token belongs to another compressor). Returns `o`, snapshots `{"S", "k", "v"}` at `positions`
     (`[B, H, E, ...]`) and the final state `{"S": [B, H, K, V], "k": [B, H, K], "v": [B, H, V]}`.
+    `backend` picks the scan of the shifted linear attention (see :func:`mcrnn.ops.linear.chunk.linear_scan`).
     """
     B, H, T, K = k.shape
     V = v.shape[-1]
@@ -53,7 +56,8 @@ def swla_scan(
     log_a = _log_decay(decay) if decay is not None else None
     s0 = initial_state["S"] if initial_state is not None else None
     o, x_snap, x_final = linear_scan(
-        q, k_shift * coef.unsqueeze(-1), v_shift, log_a, resets=resets, initial_state=s0, positions=positions
+        q, k_shift * coef.unsqueeze(-1), v_shift, log_a, resets=resets, initial_state=s0, positions=positions,
+        backend=backend,
     )
     if o is not None:
         o = o + ((q * k).sum(-1) * c).unsqueeze(-1) * v
@@ -79,6 +83,7 @@ def chunk_swla(
     scale: float | None = None,
     initial_state: dict[str, torch.Tensor] | None = None,
     output_final_state: bool = False,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Sliding-window linear attention (window 2), chunk-parallel.
 
@@ -89,6 +94,8 @@ def chunk_swla(
         decay, prev, cur: gates `a_t, b_t, c_t` of shape `[B, T, H]` in [0, 1] (None: 1).
         scale: multiplies q; default `K ** -0.5`.
         initial_state: `{"S": [B, H, K, V], "k": [B, H, K], "v": [B, H, V]}` (the previous token's key/value).
+        backend: "auto" | "torch" | "triton" | None (the environment's `MCRNN_BACKEND`, else "auto"): the
+            Triton scan (:mod:`mcrnn.ops.backend`) or PyTorch.
     Returns:
         `o: [B, T, H, V]` and, if `output_final_state`, the final state dict (float32 / float64).
     """
@@ -101,7 +108,8 @@ def chunk_swla(
     gates = [to_heads_first(g, dt) if g is not None else None for g in (decay, prev, cur)]
     s0 = {n: x.to(dt) for n, x in initial_state.items()} if initial_state is not None else None
     o, _, final = swla_scan(
-        to_heads_first(q, dt) * scale, to_heads_first(k, dt), to_heads_first(v, dt), *gates, initial_state=s0
+        to_heads_first(q, dt) * scale, to_heads_first(k, dt), to_heads_first(v, dt), *gates, initial_state=s0,
+        backend=resolve_backend(backend),
     )
     return o.transpose(1, 2).to(q.dtype), (final if output_final_state else None)
 

@@ -38,10 +38,11 @@ class SWLAMemory(LinearMemory):
         )
         return {"S": S, "k": k, "v": v}
 
-    def scan(self, q, k, v, gates, *, initial, segment_starts, resets, positions, offset, scale, params, mini_batch):
+    def scan(self, q, k, v, gates, *, initial, segment_starts, resets, positions, offset, scale, params, mini_batch,
+             backend="torch"):
         o, snaps, final = swla_scan(
             q * scale if q is not None else None, k, v,
             gates.get("decay"), gates.get("prev"), gates.get("cur"),
-            initial_state=initial, resets=resets, positions=positions,
+            initial_state=initial, resets=resets, positions=positions, backend=backend,
         )
         return o, (self.readable(snaps) if snaps is not None else None), final

@@ -3,7 +3,9 @@
 - :func:`cached_read`: the fused read of the online memory and the visible caches for `grm` / linear `soup`,
   `residual` and `mean`, forward and backward, nothing of size `T × N × V` in memory;
 - :func:`ssc_read`: the reads of only the selected caches (SSC), and :func:`ssc_cached_read`, the whole SSC
-  aggregation around it (router in PyTorch).
+  aggregation around it (router in PyTorch);
+- :func:`chunk_scan`: the base linear memory's scan (`linear_scan`'s contract: resets, segment-end snapshots,
+  the final state), forward and backward; :func:`scan_unsupported_reason` says when it cannot take a call.
 
 Inputs are heads-first (`[B, H, T, K]`, the pool `[B, H, P, K, V]`), float32/bf16/fp16, accumulation float32.
 On CPU tensors the kernels run in Triton's interpreter: set `TRITON_INTERPRET=1` in the environment before
@@ -24,6 +26,7 @@ with triton_import_mode():
     except ImportError:  # pragma: no cover - triton without gluon
         pass
     from mcrnn.ops.triton.cached import AGGREGATION_CODES, cached_read
+    from mcrnn.ops.triton.scan import chunk_scan, scan_unsupported_reason
     from mcrnn.ops.triton.ssc import ssc_cached_read, ssc_read
 
 #: the aggregations the kernels cover for memories whose read is linear in the state (`Memory.linear_read`)
@@ -40,5 +43,5 @@ def unsupported_reason(q: torch.Tensor, pool_S: torch.Tensor, aggregation: str, 
     return _unsupported(q, pool_S, u, dims=dims)
 
 
-__all__ = ["cached_read", "ssc_read", "ssc_cached_read", "unsupported_reason", "AGGREGATIONS", "INTERPRET",
-           "MAX_HEAD_DIM"]
+__all__ = ["cached_read", "ssc_read", "ssc_cached_read", "unsupported_reason", "chunk_scan", "scan_unsupported_reason",
+           "AGGREGATIONS", "INTERPRET", "MAX_HEAD_DIM"]

@@ -43,7 +43,6 @@ import triton
 import triton.language as tl
 
 from mcrnn.ops.triton._common import (
-    INTERPRET,
     block,
     empty_for,
     launch_options,
@@ -327,9 +326,9 @@ def _bwd_chunk(
 def _blocks(K: int, V: int) -> dict:
     BK, BV_full = block(K), block(V)
     BT = 64 if max(BK, BV_full) <= 128 else 32  # the chunk: [BT, BT] score tiles next to [BT, K] ones
-    if INTERPRET:  # few, large programs: the interpreter's cost is per program and per op, not per element
-        return dict(BT=BT, BK=BK, BV=BV_full, bwd_BV=BV_full)
-    return dict(BT=BT, BK=BK, BV=min(BV_full, 64), bwd_BV=min(BV_full, 64))
+    # value blocks of 64 in the interpreter too (its cost is per program and op, and small test dims fit in one
+    # block anyway): a test with V > 64 then runs the split-V paths the GPU runs
+    return dict(BT=BT, BK=BK, BV=min(BV_full, 64))
 
 
 def _local_cumsum(log_decay: torch.Tensor, BT: int) -> torch.Tensor:
@@ -422,7 +421,7 @@ class _ChunkScan(torch.autograd.Function):
             q if has_o else k, k, v, g if use_g else placeholder, gid, h, d_o if has_o else placeholder, dhe,
             d_snaps if has_snap else placeholder, sorted_tok, snap_idx, snap_off,
             dq if has_o else placeholder, dk, dv, dg, T, K, V, NT, E,
-            BV=bs["bwd_BV"], **consts, **launch_options("scan_bwd_chunk"),
+            BV=bs["BV"], **consts, **launch_options("scan_bwd_chunk"),
         )
         if q is not None:
             dq = dq.to(q.dtype) if has_o else torch.zeros_like(q)
