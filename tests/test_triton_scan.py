@@ -199,8 +199,9 @@ def test_scan_gradient_of_one_output(use):
 
 
 def test_scan_wide_dims():
-    """Dims above 16 and not powers of two, V over two value blocks of 64 (the split-V paths)."""
-    check(make_case(B=1, H=2, T=70, K=20, V=80), (0, 33), (33, 64, 70))
+    """Dims not powers of two (padded blocks), K and V over two blocks of 64 (the split paths)."""
+    check(make_case(B=1, H=2, T=70, K=72, V=80), (0, 33), (33, 64, 70))
+    check(make_case(B=1, H=1, T=40, K=20, V=36), (), (33,))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -73,11 +73,12 @@ LAUNCH = {
     "bwd_caches": (8, 2),  # [K, 64] x [64, 64] per token tile, a [K, 64] float32 accumulator
     "ssc_fwd": (4, 2),  # [64, K] x [K, 64] per tile of gathered queries
     "ssc_bwd": (8, 2),  # two products per tile and a [K, 64] float32 accumulator
-    "scan_states": (4, 2),  # a [K, 64] float32 state, one [K, 64] x [64, 64] product per chunk, sequential
+    "scan_states": (8, 2),  # a [K, 64] float32 state, one [K, 64] x [64, 64] product per chunk, sequential
     "scan_out": (4, 2),  # [64, K] x [K, 64] twice and a [64, 64] score tile per chunk
-    "scan_snap": (4, 2),  # one chunk's prefix into a [K, 64] state tile
-    "scan_bwd_states": (4, 2),  # a [K, 64] float32 gradient, sequential over the chunks in reverse
-    "scan_bwd_chunk": (8, 2),  # full K: q, k, dq, dk [64, K] and three [64, 64] score tiles per chunk
+    "scan_snap": (8, 2),  # one chunk's prefix into a [K, 64] state tile
+    "scan_bwd_states": (8, 2),  # a [K, 64] float32 gradient, sequential over the chunks in reverse
+    "scan_bwd_dv": (8, 2),  # like scan_out, plus the [K, 64] end-state gradient tile
+    "scan_bwd_dqk": (8, 2),  # [64, 64] accumulators dA, dq, dk over the value blocks (a key block of 64)
 }
 
 

@@ -10,13 +10,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mcrnn.ops.triton import cached, ssc
+from mcrnn.ops.triton import cached, scan, ssc
 from mcrnn.ops.triton._common import INTERPRET, launch_options
 
 _INDEX = {"seg": "*i32", "vis_lo": "*i32", "vis_hi": "*i32", "tok_lo": "*i32", "tok_hi": "*i32", "order": "*i32",
-          "offsets": "*i64"}
-_FLOAT32 = {"L", "D", "Z", "z_on", "dZ", "dz_on", "w", "dS", "dw"}  # pool_S: in the dot dtype
-_SCALARS = {"T": "i32", "P": "i32", "K": "i32", "V": "i32", "NPICK": "i32", "scale": "fp32"}
+          "offsets": "*i64", "gid": "*i32", "snap_tok": "*i32", "sorted_tok": "*i32", "snap_idx": "*i32",
+          "snap_off": "*i32"}
+#: pool_S: in the dot dtype; the scan's states, their gradients and its cumulative log decay: float32
+_FLOAT32 = {"L", "D", "Z", "z_on", "dZ", "dz_on", "w", "dS", "dw", "g", "h", "h0", "snaps", "dsnap", "dfinal", "dhe",
+            "dh0", "dg_end", "dg"}
+_SCALARS = {"T": "i32", "P": "i32", "K": "i32", "V": "i32", "NPICK": "i32", "NT": "i32", "E": "i32", "scale": "fp32"}
 
 
 def _jit_function(kernel) -> triton.runtime.JITFunction:
@@ -54,6 +57,13 @@ def compile_all(arch: int = 90, dtypes=("bf16", "fp32")) -> list[str]:
                   (cached._bwd_tokens, "bwd_tokens", dict(blocks, AGG=agg, BV=128)),
                   (cached._bwd_caches, "bwd_caches", dict(blocks, AGG=agg, BV=64))]
     cases += [(ssc._ssc_fwd, "ssc_fwd", dict(blocks, BV=64)), (ssc._ssc_bwd, "ssc_bwd", dict(blocks, BT=32, BV=64))]
+    flags = dict(USE_G=True, HAS_O=True, HAS_SNAP=True)
+    cases += [(scan._fwd_states, "scan_states", dict(blocks, BV=64, USE_G=True, USE_H0=True)),
+              (scan._fwd_out, "scan_out", dict(blocks, BV=64, USE_G=True)),
+              (scan._fwd_snap, "scan_snap", dict(blocks, BV=64, USE_G=True)),
+              (scan._bwd_states, "scan_bwd_states", dict(blocks, BV=64, **flags)),
+              (scan._bwd_dv, "scan_bwd_dv", dict(blocks, BV=64, **flags)),
+              (scan._bwd_dqk, "scan_bwd_dqk", dict(blocks, BK=64, BV=64, **flags))]
     done = []
     for dtype in dtypes:
         for kernel, kind, consts in cases:

@@ -24,9 +24,11 @@ Kernels (`BT` tokens per chunk, K in one block of `BK`, V split in blocks of `BV
   `dh_n = c_n dh_{n+1} + (w ⊙ q)ᵀ do + Σ_{snapshots in n} [group] exp(g_p) dsnap`. Writes `dhe[n] = dh_{n+1}`
   (the gradient of chunk n's end state) and the initial state's gradient; and, with a decay, the partial sums
   of `<h_{n+1}, dh_{n+1}>` per value block (the decay gradient's term at each chunk end).
-- `_bwd_chunk`, per (chunk, batch·head), full K, a loop over value blocks: `dA = (do vᵀ) ⊙ D`,
-  `dq = dA k + w ⊙ (do h_nᵀ)`, `dk = dAᵀ q + e ⊙ (v dheᵀ) + Σ_snap ...`, `dv = Aᵀ do + e ⊙ (k dhe) + Σ_snap ...`
-  (`e_s = exp(g_L − g_s)` in the last group), and `q·dq − k·dk` per token.
+- `_bwd_dv`, per (chunk, value block, batch·head), full K: `dv = Aᵀ do + e ⊙ (k dhe) + Σ_snap ws ⊙ (k dsnap)`
+  (`e_s = exp(g_L − g_s)` in the last group, `ws` the same towards the snapshot's token).
+- `_bwd_dqk`, per (chunk, key block, batch·head), a loop over value blocks: `dA = (do vᵀ) ⊙ D` (recomputed by
+  every key block, it needs no keys), `dq = dA k + w ⊙ (do h_nᵀ)`, `dk = dAᵀ q + e ⊙ (v dheᵀ) + Σ_snap ws ⊙
+  (v dsnapᵀ)`, and `q·dq − k·dk` per token over the block (summed over the key blocks in torch).
 
 The decay gradient is then assembled in torch (as fla does for scalar decays): every term of the forward pass
 is `exp(g_a − g_b)` times something linear in it, so `∂/∂g_t = q_t·dq_t − k_t·dk_t`, plus `<h_{n+1}, dh_{n+1}>`
@@ -60,6 +62,15 @@ def _chunk_groups(gid, i_t, t, m_t, T, BT: tl.constexpr):
     gid_in = tl.where(i_t > 0, tl.load(gid + tl.maximum(i_t * BT - 1, 0)), 0)
     last = tl.minimum((i_t + 1) * BT, T) - 1
     return gid_t, gid_in, last
+
+
+@triton.jit
+def _decay_ratios(g_t, pair, USE_G: tl.constexpr):
+    """`D[t, s] = exp(g_t − g_s)` on the pairs (masked before the exp: no overflow), else 0: `[BT, BT]`."""
+    if USE_G:
+        return tl.exp(tl.where(pair, g_t[:, None] - g_t[None, :], float("-inf")))
+    else:
+        return tl.where(pair, 1.0, 0.0)
 
 
 @triton.jit
@@ -123,11 +134,11 @@ def _fwd_out(
     pair = (t[:, None] >= t[None, :]) & (gid_t[:, None] == gid_t[None, :]) & m_t[None, :]
     if USE_G:
         g_t = tl.load(g + i_bh * T + t, mask=m_t, other=0.0)
-        D = tl.exp(tl.where(pair, g_t[:, None] - g_t[None, :], float("-inf")))
         w = tl.exp(tl.where(m_t & (gid_t == gid_in), g_t, float("-inf")))
     else:
-        D = tl.where(pair, 1.0, 0.0)
+        g_t = tl.zeros([BT], dtype=tl.float32)
         w = tl.where(m_t & (gid_t == gid_in), 1.0, 0.0)
+    D = _decay_ratios(g_t, pair, USE_G)
     m_tk = m_t[:, None] & m_k[None, :]
     qt = operand(tl.load(q + i_bh * T * K + (t[:, None] * K + kk[None, :]), mask=m_tk, other=0.0), dt, LOW_DOT)
     kt = operand(tl.load(k + i_bh * T * K + (t[:, None] * K + kk[None, :]), mask=m_tk, other=0.0), dt, LOW_DOT)
@@ -238,46 +249,84 @@ def _bwd_states(
 
 
 @triton.jit
-def _bwd_chunk(
-    q, k, v, g, gid, h, do, dhe, dsnap, sorted_tok, snap_idx, snap_off, dq, dk, dv, dg,
+def _bwd_dv(
+    q, k, g, gid, do, dhe, dsnap, sorted_tok, snap_idx, snap_off, dv,
     T, K, V, NT, E,
     USE_G: tl.constexpr, HAS_O: tl.constexpr, HAS_SNAP: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOW_DOT: tl.constexpr,
 ):
-    """dq, dk, dv of one chunk (full K, the values in blocks) and q·dq − k·dk per token."""
+    """dv of one chunk and value block (full K): Aᵀ do + e ⊙ (k dhe) + Σ_snap ws ⊙ (k dsnap)."""
     i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
     dt = k.dtype.element_ty
     t = i_t * BT + tl.arange(0, BT)
     kk = tl.arange(0, BK)
-    m_t, m_k = t < T, kk < K
-    m_tk = m_t[:, None] & m_k[None, :]
+    vv = i_v * BV + tl.arange(0, BV)
+    m_t, m_k, m_v = t < T, kk < K, vv < V
+    m_tk, m_tv, m_kv = m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :], m_k[:, None] & m_v[None, :]
+    tile = kk[:, None] * V + vv[None, :]
     gid_t, gid_in, last = _chunk_groups(gid, i_t, t, m_t, T, BT)
-    gid_last = tl.load(gid + last)
-    to_end = m_t & (gid_t == gid_last)
-    pair = (t[:, None] >= t[None, :]) & (gid_t[:, None] == gid_t[None, :]) & m_t[None, :]
+    to_end = m_t & (gid_t == tl.load(gid + last))
     if USE_G:
         g_t = tl.load(g + i_bh * T + t, mask=m_t, other=0.0)
-        g_last = tl.load(g + i_bh * T + last)
-        e_end = tl.exp(tl.where(to_end, g_last - g_t, float("-inf")))
+        e_end = tl.exp(tl.where(to_end, tl.load(g + i_bh * T + last) - g_t, float("-inf")))
     else:
         g_t = tl.zeros([BT], dtype=tl.float32)
         e_end = tl.where(to_end, 1.0, 0.0)
-    kt = tl.load(k + i_bh * T * K + (t[:, None] * K + kk[None, :]), mask=m_tk, other=0.0)
-    kd = operand(kt, dt, LOW_DOT)
+    kd = operand(tl.load(k + i_bh * T * K + (t[:, None] * K + kk[None, :]), mask=m_tk, other=0.0), dt, LOW_DOT)
+    dh_end = operand(tl.load(dhe + (i_bh * NT + i_t) * K * V + tile, mask=m_kv, other=0.0), dt, LOW_DOT)
+    dv_b = dot(kd, dh_end, LOW_DOT) * e_end[:, None]
     if HAS_O:
-        if USE_G:
-            D = tl.exp(tl.where(pair, g_t[:, None] - g_t[None, :], float("-inf")))
-            w = tl.exp(tl.where(m_t & (gid_t == gid_in), g_t, float("-inf")))
-        else:
-            D = tl.where(pair, 1.0, 0.0)
-            w = tl.where(m_t & (gid_t == gid_in), 1.0, 0.0)
-        qt = tl.load(q + i_bh * T * K + (t[:, None] * K + kk[None, :]), mask=m_tk, other=0.0)
-        qd = operand(qt, dt, LOW_DOT)
-        A_T = operand(tl.trans(dot(qd, tl.trans(kd), LOW_DOT) * D), dt, LOW_DOT)  # [s, t]
+        pair = (t[:, None] >= t[None, :]) & (gid_t[:, None] == gid_t[None, :]) & m_t[None, :]
+        qd = operand(tl.load(q + i_bh * T * K + (t[:, None] * K + kk[None, :]), mask=m_tk, other=0.0), dt, LOW_DOT)
+        A_T = operand(tl.trans(dot(qd, tl.trans(kd), LOW_DOT) * _decay_ratios(g_t, pair, USE_G)), dt, LOW_DOT)
+        gt = operand(tl.load(do + i_bh * T * V + (t[:, None] * V + vv[None, :]), mask=m_tv, other=0.0), dt, LOW_DOT)
+        dv_b += dot(A_T, gt, LOW_DOT)
+    if HAS_SNAP:
+        for jj in range(tl.load(snap_off + i_t), tl.load(snap_off + i_t + 1)):
+            p = tl.load(sorted_tok + jj)
+            e = tl.load(snap_idx + jj).to(tl.int64)
+            keep = m_t & (t <= p) & (gid_t == tl.load(gid + p))
+            if USE_G:
+                ws = tl.exp(tl.where(keep, tl.load(g + i_bh * T + p) - g_t, float("-inf")))
+            else:
+                ws = tl.where(keep, 1.0, 0.0)
+            ds = operand(tl.load(dsnap + (i_bh * E + e) * K * V + tile, mask=m_kv, other=0.0), dt, LOW_DOT)
+            dv_b += dot(kd, ds, LOW_DOT) * ws[:, None]
+    tl.store(dv + i_bh * T * V + (t[:, None] * V + vv[None, :]), dv_b.to(dv.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def _bwd_dqk(
+    q, k, v, g, gid, h, do, dhe, dsnap, sorted_tok, snap_idx, snap_off, dq, dk, dg,
+    T, K, V, NT, E,
+    USE_G: tl.constexpr, HAS_O: tl.constexpr, HAS_SNAP: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOW_DOT: tl.constexpr,
+):
+    """dq, dk of one chunk and key block, the values in a loop; `q·dq − k·dk` over this key block into dg.
+
+    `dA = (do vᵀ) ⊙ D` needs no keys, so each key block recomputes it (fla's split) instead of holding all of K."""
+    i_t = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    dt = k.dtype.element_ty
+    t = i_t * BT + tl.arange(0, BT)
+    kk = i_k * BK + tl.arange(0, BK)
+    m_t, m_k = t < T, kk < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    gid_t, gid_in, last = _chunk_groups(gid, i_t, t, m_t, T, BT)
+    to_end = m_t & (gid_t == tl.load(gid + last))
+    if USE_G:
+        g_t = tl.load(g + i_bh * T + t, mask=m_t, other=0.0)
+        e_end = tl.exp(tl.where(to_end, tl.load(g + i_bh * T + last) - g_t, float("-inf")))
+    else:
+        g_t = tl.zeros([BT], dtype=tl.float32)
+        e_end = tl.where(to_end, 1.0, 0.0)
+    dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
+    if HAS_O:
         dA = tl.zeros([BT, BT], dtype=tl.float32)
         dq_in = tl.zeros([BT, BK], dtype=tl.float32)
-    dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
     if HAS_SNAP:
         snap_lo = tl.load(snap_off + i_t)
         snap_hi = tl.load(snap_off + i_t + 1)
@@ -288,7 +337,6 @@ def _bwd_chunk(
         tile = kk[:, None] * V + vv[None, :]
         vt = operand(tl.load(v + i_bh * T * V + (t[:, None] * V + vv[None, :]), mask=m_tv, other=0.0), dt, LOW_DOT)
         dh_end = operand(tl.load(dhe + (i_bh * NT + i_t) * K * V + tile, mask=m_kv, other=0.0), dt, LOW_DOT)
-        dv_b = dot(kd, dh_end, LOW_DOT) * e_end[:, None]
         dk_acc += dot(vt, tl.trans(dh_end), LOW_DOT) * e_end[:, None]
         if HAS_O:
             gt = operand(tl.load(do + i_bh * T * V + (t[:, None] * V + vv[None, :]), mask=m_tv, other=0.0), dt,
@@ -296,7 +344,6 @@ def _bwd_chunk(
             hn = operand(tl.load(h + (i_bh * (NT + 1) + i_t) * K * V + tile, mask=m_kv, other=0.0), dt, LOW_DOT)
             dA += dot(gt, tl.trans(vt), LOW_DOT)
             dq_in += dot(gt, tl.trans(hn), LOW_DOT)
-            dv_b += dot(A_T, gt, LOW_DOT)
         if HAS_SNAP:
             for jj in range(snap_lo, snap_hi):
                 p = tl.load(sorted_tok + jj)
@@ -307,28 +354,34 @@ def _bwd_chunk(
                 else:
                     ws = tl.where(keep, 1.0, 0.0)
                 ds = operand(tl.load(dsnap + (i_bh * E + e) * K * V + tile, mask=m_kv, other=0.0), dt, LOW_DOT)
-                dv_b += dot(kd, ds, LOW_DOT) * ws[:, None]
                 dk_acc += dot(vt, tl.trans(ds), LOW_DOT) * ws[:, None]
-        tl.store(dv + i_bh * T * V + (t[:, None] * V + vv[None, :]), dv_b.to(dv.dtype.element_ty), mask=m_tv)
+    kt = tl.load(k + i_bh * T * K + (t[:, None] * K + kk[None, :]), mask=m_tk, other=0.0)
     if HAS_O:
-        dA = operand(dA * D, dt, LOW_DOT)
-        dq_acc = dot(dA, kd, LOW_DOT) + dq_in * w[:, None]
-        dk_acc += dot(tl.trans(dA), qd, LOW_DOT)
+        if USE_G:
+            w = tl.exp(tl.where(m_t & (gid_t == gid_in), g_t, float("-inf")))
+        else:
+            w = tl.where(m_t & (gid_t == gid_in), 1.0, 0.0)
+        pair = (t[:, None] >= t[None, :]) & (gid_t[:, None] == gid_t[None, :]) & m_t[None, :]
+        dA = operand(dA * _decay_ratios(g_t, pair, USE_G), dt, LOW_DOT)
+        qt = tl.load(q + i_bh * T * K + (t[:, None] * K + kk[None, :]), mask=m_tk, other=0.0)
+        dq_acc = dot(dA, operand(kt, dt, LOW_DOT), LOW_DOT) + dq_in * w[:, None]
+        dk_acc += dot(tl.trans(dA), operand(qt, dt, LOW_DOT), LOW_DOT)
         tl.store(dq + i_bh * T * K + (t[:, None] * K + kk[None, :]), dq_acc.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + i_bh * T * K + (t[:, None] * K + kk[None, :]), dk_acc.to(dk.dtype.element_ty), mask=m_tk)
     if USE_G:
         dg_t = -tl.sum(kt.to(tl.float32) * dk_acc, 1)
         if HAS_O:
             dg_t += tl.sum(qt.to(tl.float32) * dq_acc, 1)
-        tl.store(dg + i_bh * T + t, dg_t, mask=m_t)
+        B_H = tl.num_programs(2)
+        tl.store(dg + (i_k * B_H + i_bh) * T + t, dg_t, mask=m_t)
 
 
 def _blocks(K: int, V: int) -> dict:
     BK, BV_full = block(K), block(V)
     BT = 64 if max(BK, BV_full) <= 128 else 32  # the chunk: [BT, BT] score tiles next to [BT, K] ones
-    # value blocks of 64 in the interpreter too (its cost is per program and op, and small test dims fit in one
-    # block anyway): a test with V > 64 then runs the split-V paths the GPU runs
-    return dict(BT=BT, BK=BK, BV=min(BV_full, 64))
+    # blocks of 64 in the interpreter too (its cost is per program and op, and small test dims fit in one block
+    # anyway): a test with K or V above 64 then runs the split paths the GPU runs
+    return dict(BT=BT, BK=BK, BV=min(BV_full, 64), dqk_BK=min(BK, 64))
 
 
 def _local_cumsum(log_decay: torch.Tensor, BT: int) -> torch.Tensor:
@@ -416,12 +469,17 @@ class _ChunkScan(torch.autograd.Function):
         )
         dq = empty_for(q) if q is not None else None
         dk, dv = empty_for(k), empty_for(v)
-        dg = torch.empty(B, H, T, dtype=torch.float32, device=k.device) if use_g else placeholder
-        _bwd_chunk[(NT, B * H)](
+        snap_args = (d_snaps if has_snap else placeholder, sorted_tok, snap_idx, snap_off)
+        _bwd_dv[(NT, NV, B * H)](
+            q if has_o else k, k, g if use_g else placeholder, gid, d_o if has_o else placeholder, dhe, *snap_args,
+            dv, T, K, V, NT, E, BV=bs["BV"], **consts, **launch_options("scan_bwd_dv"),
+        )
+        NK = triton.cdiv(K, bs["dqk_BK"])
+        dg = torch.empty(NK, B, H, T, dtype=torch.float32, device=k.device) if use_g else placeholder
+        _bwd_dqk[(NT, NK, B * H)](
             q if has_o else k, k, v, g if use_g else placeholder, gid, h, d_o if has_o else placeholder, dhe,
-            d_snaps if has_snap else placeholder, sorted_tok, snap_idx, snap_off,
-            dq if has_o else placeholder, dk, dv, dg, T, K, V, NT, E,
-            BV=bs["BV"], **consts, **launch_options("scan_bwd_chunk"),
+            *snap_args, dq if has_o else placeholder, dk, dg, T, K, V, NT, E,
+            BV=bs["BV"], **dict(consts, BK=bs["dqk_BK"]), **launch_options("scan_bwd_dqk"),
         )
         if q is not None:
             dq = dq.to(q.dtype) if has_o else torch.zeros_like(q)
@@ -429,6 +487,7 @@ class _ChunkScan(torch.autograd.Function):
         if use_g:
             # the terms without a query: <h_{n+1}, dh_{n+1}> at each chunk's last token, <snap, dsnap> at each
             # snapshot's token
+            dg = dg.sum(0)
             last = (torch.arange(1, NT + 1, device=k.device) * BT).clamp_max(T) - 1
             dg.index_add_(2, last, dg_end.sum(2))
             if has_snap:
