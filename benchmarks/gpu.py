@@ -4,13 +4,17 @@ Needs one CUDA GPU (sized for an H100/H200: about 5-8 minutes there), torch with
 extra); flash-linear-attention (`fla`, the `gpu` extra) adds the chunk_simple_gla row when it is installed.
 Installs nothing, downloads nothing.
 
-1. `pytest -m gpu tests/test_triton.py`: the kernels at realistic sizes against the float64 reference.
+1. `pytest -m gpu tests/test_triton.py tests/test_triton_scan.py`: the kernels at realistic sizes against the
+   float64 references.
 2. Forward + backward in bf16 at B·T = 32K tokens, H = 16, K = V = 128, segments of 256, T in {2K, 8K, 32K}:
    causal SDPA (flash), fla's chunk_simple_gla (if installed), MC-GRM and MC-SSC (top_k 4, linear memory with a
    decay gate) through `mcrnn.ops.memory_caching` on every backend it has (the `backend` argument is looked
    up; without it, the one path there is is timed as "torch"), and the read kernels alone on a pool of the
-   same size ("kernel grm", "kernel ssc": `mcrnn.ops.triton`). Median time of `--runs` runs after warm-up
-   (which compiles the kernels) and the peak memory above the inputs.
+   same size ("kernel grm", "kernel ssc": `mcrnn.ops.triton`); the base memory alone: `chunk_linear` with a
+   decay on each backend ("linear torch", "linear triton": the scan in PyTorch or in `chunk_scan`, float32 inside
+   as Memory Caching runs it) and `chunk_scan` called directly on bf16 inputs with a snapshot per segment
+   ("kernel scan": the bf16 dots). Median time of `--runs` runs after warm-up (which compiles the kernels) and
+   the peak memory above the inputs.
 3. Decode at a 64K-token context, batch 1: tokens/s of MC-SSC and MC-GRM (prefilled state, then one token per
    call) and of SDPA reading a KV cache.
 
@@ -99,7 +103,8 @@ def machine(torch) -> dict:
 
 
 def run_tests() -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_triton.py"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_triton.py",
+           "tests/test_triton_scan.py"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -119,6 +124,11 @@ class Bench:
         self.memory_caching = memory_caching
         params = inspect.signature(memory_caching).parameters
         self.backends = ["torch", "triton"] if "backend" in params else [None]
+        from mcrnn.ops import chunk_linear
+
+        self.chunk_linear = chunk_linear
+        linear_params = inspect.signature(chunk_linear).parameters
+        self.linear_backends = ["torch", "triton"] if "backend" in linear_params else [None]
 
     # ------------------------------------------------------------------ timing helpers
 
@@ -192,6 +202,9 @@ class Bench:
                 rows.append(self.row(name, lambda a=agg, b=backend: self.mc_case(B, T, a, b), **meta))
         for agg in ("grm", "ssc"):
             rows.append(self.row(f"kernel {agg}", lambda a=agg: self.kernel_case(B, T, a), **meta))
+        for backend in self.linear_backends:
+            rows.append(self.row(f"linear {backend or 'torch'}", lambda b=backend: self.linear_case(B, T, b), **meta))
+        rows.append(self.row("kernel scan", lambda: self.scan_kernel_case(B, T), **meta))
         return rows
 
     def sdpa_case(self, B, T):
@@ -262,6 +275,46 @@ class Bench:
             else:
                 o = mt.cached_read(q, u, r, p_on, pool_p, pool_S, seg, vis_lo, vis_hi, aggregation=agg, **kw)
             torch.autograd.grad(o, leaves, d_o)
+
+        return run
+
+    def linear_case(self, B, T, backend):
+        """The base memory alone (what Memory Caching's scan costs): `chunk_linear` with a decay gate."""
+        torch, c = self.torch, self.cfg
+        q, k = (self.leaves(B, T, c["H"], c["K"], normalize=True) for _ in range(2))
+        v = self.leaves(B, T, c["H"], c["K"])
+        decay = torch.sigmoid(torch.randn(B, T, c["H"], device=self.device) + 4).to(self.dtype).requires_grad_()
+        kw = {} if backend is None else {"backend": backend}
+        d_o = torch.randn_like(v)
+
+        def run():
+            o, _ = self.chunk_linear(q, k, v, decay=decay, **kw)
+            torch.autograd.grad(o, [q, k, v, decay], d_o)
+
+        return run
+
+    def scan_kernel_case(self, B, T):
+        """`chunk_scan` on bf16 heads-first inputs (bf16 dots), a snapshot at every segment end, every output's
+        gradient flowing back."""
+        import mcrnn.ops.triton as mt
+
+        torch, c = self.torch, self.cfg
+        H, K, C = c["H"], c["K"], c["segment"]
+        q, k = (self.leaves(B, H, T, K, normalize=True) for _ in range(2))
+        v = self.leaves(B, H, T, K)
+        log_decay = torch.nn.functional.logsigmoid(torch.randn(B, H, T, device=self.device) + 4).requires_grad_()
+        positions = list(range(C, T + 1, C))
+        d_o = torch.randn_like(v)
+        d_snaps = torch.randn(B, H, len(positions), K, K, device=self.device)
+        d_final = torch.randn(B, H, K, K, device=self.device)
+
+        def run():
+            o, snaps, final = mt.chunk_scan(q, k, v, log_decay, (), None, positions)
+            outs, grads = [o, final], [d_o, d_final]
+            if snaps is not None:
+                outs.append(snaps)
+                grads.append(d_snaps)
+            torch.autograd.grad(outs, [q, k, v, log_decay], grads)
 
         return run
 

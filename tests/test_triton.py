@@ -300,7 +300,8 @@ def test_gpu_benchmark_dry_run(tmp_path):
 
     result = json.loads(out.read_text())
     names = {row["name"] for row in result["train"]}
-    assert {"sdpa", "mc-grm torch", "mc-ssc torch", "kernel grm", "kernel ssc"} <= names, names
+    assert {"sdpa", "mc-grm torch", "mc-ssc torch", "kernel grm", "kernel ssc", "linear torch", "linear triton",
+            "kernel scan"} <= names, names
     assert all("error" not in row for row in result["train"] + result["decode"]), result
     assert "ms" in proc.stdout
 
