@@ -204,6 +204,11 @@ def test_scan_wide_dims():
     check(make_case(B=1, H=1, T=40, K=20, V=36), (), (33,))
 
 
+def test_scan_head_dim_above_128():
+    """K above 128: chunks of 32 tokens (boundaries at 32, 64) and four key blocks in the backward pass."""
+    check(make_case(B=1, H=1, T=70, K=130, V=12), (40,), (31, 32, 33, 70))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_scan_low_precision(dtype):
     check(make_case(T=100, dtype=dtype), (5, 64), (32, 64, 100), rms=8e-3)
@@ -248,8 +253,28 @@ def test_linear_scan_backend_dispatch(monkeypatch):
         assert_close(a[name], b[name], 1e-5, name)
     run(fn("triton"), x, resets, positions, w, cast=torch.float64)
     assert len(calls) == 1
+    run(fn("auto"), x, resets, positions, w)  # "auto": the kernels for CUDA tensors only
+    assert len(calls) == (2 if DEVICE == "cuda" else 1)
     with pytest.raises(ValueError, match="backend"):
         linear_scan(x["q"], x["k"], x["v"], backend="cuda")
+
+
+def test_chunk_linear_backend_from_the_environment(monkeypatch):
+    from mcrnn.ops import chunk_linear
+
+    calls = []
+    kernel = mt.chunk_scan
+    monkeypatch.setattr(mt, "chunk_scan", lambda *a: calls.append(1) or kernel(*a))
+    q = torch.randn(1, 20, 2, 8, device=DEVICE)
+    monkeypatch.setenv("MCRNN_BACKEND", "triton")
+    chunk_linear(q, q, q)
+    assert len(calls) == 1
+    monkeypatch.setenv("MCRNN_BACKEND", "torch")
+    chunk_linear(q, q, q)
+    assert len(calls) == 1
+    monkeypatch.setenv("MCRNN_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="MCRNN_BACKEND"):
+        chunk_linear(q, q, q)
 
 
 @pytest.mark.parametrize("op", ["chunk_linear", "chunk_swla"])
