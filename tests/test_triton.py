@@ -266,6 +266,28 @@ def test_memory_caching_backend_triton_matches_torch(aggregation, init):
         assert_close(a, b, 2e-5, f"d{name}")
 
 
+@pytest.mark.parametrize("aggregation", ["grm", "ssc"])
+def test_memory_caching_bf16_feeds_the_kernels_bf16(aggregation, monkeypatch):
+    """bf16 inputs: the cached-read kernels get bf16 queries (bf16 dots, float32 accumulation, as fla does) while
+    the rest runs in float32; the result stays within bf16 error of the PyTorch path."""
+    from mcrnn.ops import memory_caching
+
+    seen = []
+    name = "ssc_cached_read" if aggregation == "ssc" else "cached_read"
+    real = getattr(mt, name)
+    monkeypatch.setattr(mt, name, lambda q, *a, **kw: seen.append(q.dtype) or real(q, *a, **kw))
+    g = torch.Generator().manual_seed(5)
+    B, T, H, K = 1, 50, 2, 16
+    q, k, v, u = (torch.randn(B, T, H, K, generator=g, device=DEVICE).bfloat16() for _ in range(4))
+    decay = torch.sigmoid(torch.randn(B, T, H, generator=g, device=DEVICE) + 2)
+    kw = dict(gates={"decay": decay}, segment_size=8, aggregation=aggregation, init="independent", top_k=2)
+    ref, _ = memory_caching(q.float(), k.float(), v.float(), u.float(), backend="torch", **kw)
+    out, _ = memory_caching(q, k, v, u, backend="triton", **kw)
+    assert seen == [torch.bfloat16] and out.dtype == torch.bfloat16
+    rel = (out.float() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
+    assert rel < 1e-2, rel
+
+
 def test_bad_inputs_raise_value_errors():
     tensors, index, _ = make_case(T=40)
     args = dict(**tensors, **index)

@@ -358,9 +358,13 @@ def _triton_aggregate(opts: MCOptions, q, u, r, p_on, pool_states: State, pool_p
     if kernels.unsupported_reason(q, S, opts.aggregation, u) is not None:
         return None
     kw = dict(scale=opts.scale, score_scale=opts.score_scale)
+    # bf16/fp16 calls: the kernels' dots take the input's precision (their dtype follows q), accumulate in float32
+    qk = q.to(opts.operand_dtype) if opts.operand_dtype is not None else q
     if opts.aggregation == "ssc":
-        return kernels.ssc_cached_read(q, u, r, p_on, pool_p, S, seg, lo, hi, top_k=opts.top_k, **kw)
-    return kernels.cached_read(q, u, r, p_on, pool_p, S, seg, lo, hi, aggregation=opts.aggregation, **kw)
+        o = kernels.ssc_cached_read(qk, u, r, p_on, pool_p, S, seg, lo, hi, top_k=opts.top_k, **kw)
+    else:
+        o = kernels.cached_read(qk, u, r, p_on, pool_p, S, seg, lo, hi, aggregation=opts.aggregation, **kw)
+    return o.to(q.dtype)
 
 
 class _AggregateBlock:

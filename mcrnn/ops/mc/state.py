@@ -82,6 +82,9 @@ class MCOptions:
     key_dim: int
     value_dim: int
     summary_dim: int
+    #: the call's input dtype when it is bf16/fp16: the kernels' matmul operands (with float32 accumulation,
+    #: as fla does), while PyTorch computes in float32; None for float32/float64 inputs
+    operand_dtype: torch.dtype | None = None
 
     @property
     def memory(self) -> Memory:
@@ -245,6 +248,8 @@ def prepare_call(
     B, T, H, K, V = check_qkv(q, k, v)
     Ks = check_summary_keys(q, u, summary_keys, B, T, H, K)
     opts = make_options(**settings, boundaries=boundaries, K=K, V=V, H=H, Ks=Ks)
+    if q.dtype in (torch.bfloat16, torch.float16):
+        opts.operand_dtype = q.dtype
     gates = check_gates(gates, opts.memory, B, T, H)
     dt = compute_dtype(q)
     if initial_state is None:
