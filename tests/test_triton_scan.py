@@ -333,6 +333,30 @@ def test_memory_caching_backend_triton_matches_torch(memory, aggregation, init, 
         assert_close(a, b, 2e-5, f"d{name}")
 
 
+@pytest.mark.parametrize("memory", ["linear", "swla"])
+def test_memory_caching_bf16_feeds_the_scan_kernel_bf16(memory, monkeypatch):
+    """bf16 inputs: the scan kernel gets bf16 q, k, v (bf16 dots, float32 accumulation and states) and the result
+    stays within bf16 error of the float32 PyTorch path."""
+    from mcrnn.ops import memory_caching
+
+    seen = []
+    kernel = mt.chunk_scan
+    monkeypatch.setattr(mt, "chunk_scan", lambda q, k, v, *a: seen.append((k.dtype, v.dtype)) or kernel(q, k, v, *a))
+    g = torch.Generator().manual_seed(6)
+    B, T, H, K = 1, 70, 2, 16
+    q, k, v, u = (torch.randn(B, T, H, K, generator=g).to(DEVICE).bfloat16() for _ in range(4))
+    decay = torch.sigmoid(torch.randn(B, T, H, generator=g) + 2).to(DEVICE)
+    kw = dict(memory=memory, gates={"decay": decay}, segment_size=16, aggregation="grm", init="independent",
+              output_final_state=True)
+    ref, s_ref = memory_caching(q.float(), k.float(), v.float(), u.float(), backend="torch", **kw)
+    out, s_out = memory_caching(q, k, v, u, backend="triton", **kw)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert out.dtype == torch.bfloat16 and s_out.online["S"].dtype == torch.float32
+    rms = lambda x: x.float().pow(2).mean().sqrt()  # noqa: E731
+    assert rms(out.float() - ref) / rms(ref) < 1e-2
+    assert rms(s_out.cache["S"] - s_ref.cache["S"]) / rms(s_ref.cache["S"]) < 1e-2
+
+
 # ---------------------------------------------------------------- CUDA, realistic sizes (`pytest -m gpu`)
 
 #: the compiled kernels multiply bf16 operands (inputs and states rounded to bf16), which the interpreter never does

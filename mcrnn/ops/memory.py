@@ -188,6 +188,11 @@ def _scan_parameters(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.scan).parameters)
 
 
+def scan_takes_operand_dtype(memory: Memory) -> bool:
+    """Does `memory.scan` take `operand_dtype` (the precision of its kernels' matmul operands)?"""
+    return "operand_dtype" in _scan_parameters(type(memory))
+
+
 def scan_takes_backend(memory: Memory) -> bool:
     """Does `memory.scan` take a `backend` keyword (a memory with a kernel scan)? Memories written before the
     keyword existed, and those without kernels, do not."""

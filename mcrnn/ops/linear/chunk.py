@@ -62,6 +62,7 @@ def linear_scan(
     positions: Sequence[int] = (),
     chunk_size: int = CHUNK_SIZE,
     backend: str = "torch",
+    operand_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """The recurrence `S_t = a_t S_{t-1} + k_t v_tᵀ`, `o_t = q_tᵀ S_t`, computed chunk by chunk.
 
@@ -73,7 +74,8 @@ def linear_scan(
 
     `backend`: "torch" (this function's PyTorch code) | "auto" | "triton" (:func:`mcrnn.ops.triton.chunk_scan`
     where it runs and covers the call, see :mod:`mcrnn.ops.backend`; it picks its own chunk size and returns
-    the states in float32).
+    the states in float32). `operand_dtype` (bf16/fp16, kernels only): q, k, v enter the kernels' dots in that
+    precision, accumulation and states stay float32, `o` comes back in k's dtype.
 
     Returns `o: [B, H, T, V]` (None when `q` is None), the snapshots `[B, H, len(positions), K, V]`
     (None when empty) and the final state `[B, H, K, V]`.
@@ -82,7 +84,12 @@ def linear_scan(
     if backend != "torch":
         kernels = triton_kernels(resolve_backend(backend), k)
         if kernels is not None and kernels.scan_unsupported_reason(q, k, v, log_decay, initial_state) is None:
-            return kernels.chunk_scan(q, k, v, log_decay, resets, initial_state, positions)
+            if operand_dtype is None:
+                return kernels.chunk_scan(q, k, v, log_decay, resets, initial_state, positions)
+            # the kernels' dots in the call's precision (bf16/fp16), states and accumulation in float32
+            lo = (x.to(operand_dtype) if x is not None else None for x in (q, k, v))
+            o, snaps, final = kernels.chunk_scan(*lo, log_decay, resets, initial_state, positions)
+            return (o.to(k.dtype) if o is not None else None), snaps, final
     B, H, T, K = k.shape
     V = v.shape[-1]
     c = min(chunk_size, T)

@@ -57,10 +57,11 @@ class LinearMemory(Memory):
         return (q * scale) @ states["S"]
 
     def scan(self, q, k, v, gates, *, initial, segment_starts, resets, positions, offset, scale, params, mini_batch,
-             backend="torch"):
+             backend="torch", operand_dtype=None):
         log_a = _log_decay(gates["decay"]) if "decay" in gates else None
         o, snaps, final = linear_scan(
             q * scale if q is not None else None, k, v, log_a,
             resets=resets, initial_state=initial["S"], positions=positions, backend=backend,
+            operand_dtype=operand_dtype,
         )
         return o, ({"S": snaps} if snaps is not None else None), {"S": final}

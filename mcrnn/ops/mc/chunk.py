@@ -29,7 +29,7 @@ from mcrnn.ops.mc.state import (
     state_rows,
 )
 from mcrnn.ops.mc.step import memory_caching_step
-from mcrnn.ops.memory import State, scan_takes_backend
+from mcrnn.ops.memory import State, scan_takes_backend, scan_takes_operand_dtype
 from mcrnn.ops.utils import to_heads_first
 
 #: tokens per aggregation block (whole segments are grouped up to this size; longer segments are split)
@@ -172,6 +172,8 @@ def _run_memories(
                   mini_batch=opts.mini_batch)
     if scan_takes_backend(mem):  # a memory with a kernel scan (linear, swla): the spec's backend picks it
         common["backend"] = opts.spec.resolved_backend()
+        if opts.operand_dtype is not None and scan_takes_operand_dtype(mem):
+            common["operand_dtype"] = opts.operand_dtype
     finals, snaps = {}, {}
     for lv, run in plan.runs.items():
         if lv == 0:

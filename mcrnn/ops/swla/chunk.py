@@ -29,13 +29,15 @@ def swla_scan(
     resets: Sequence[int] = (),
     positions: Sequence[int] = (),
     backend: str = "torch",
+    operand_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
     """Heads-first SWLA (`q` already scaled, gates `[B, H, T]` or None meaning 1).
 
     `resets` restart the state from zero before that token, dropping the `b_t k_{t-1} v_{t-1}ᵀ` term (SPEC §1:
     the previous token belongs to another compressor). Returns `o`, snapshots `{"S", "k", "v"}` at `positions`
     (`[B, H, E, ...]`) and the final state `{"S": [B, H, K, V], "k": [B, H, K], "v": [B, H, V]}`.
-    `backend` picks the scan of the shifted linear attention (see :func:`mcrnn.ops.linear.chunk.linear_scan`).
+    `backend` and `operand_dtype` pick the scan of the shifted linear attention (see
+    :func:`mcrnn.ops.linear.chunk.linear_scan`).
     """
     B, H, T, K = k.shape
     V = v.shape[-1]
@@ -57,7 +59,7 @@ def swla_scan(
     s0 = initial_state["S"] if initial_state is not None else None
     o, x_snap, x_final = linear_scan(
         q, k_shift * coef.unsqueeze(-1), v_shift, log_a, resets=resets, initial_state=s0, positions=positions,
-        backend=backend,
+        backend=backend, operand_dtype=operand_dtype,
     )
     if o is not None:
         o = o + ((q * k).sum(-1) * c).unsqueeze(-1) * v

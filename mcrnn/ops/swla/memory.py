@@ -39,10 +39,11 @@ class SWLAMemory(LinearMemory):
         return {"S": S, "k": k, "v": v}
 
     def scan(self, q, k, v, gates, *, initial, segment_starts, resets, positions, offset, scale, params, mini_batch,
-             backend="torch"):
+             backend="torch", operand_dtype=None):
         o, snaps, final = swla_scan(
             q * scale if q is not None else None, k, v,
             gates.get("decay"), gates.get("prev"), gates.get("cur"),
             initial_state=initial, resets=resets, positions=positions, backend=backend,
+            operand_dtype=operand_dtype,
         )
         return o, (self.readable(snaps) if snaps is not None else None), final
