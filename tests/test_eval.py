@@ -462,7 +462,7 @@ def test_capacity_table_and_frontier(tmp_path):
     res = _mqar_result({"attention": [1.0, 0.9], "linear": [0.5, 0.4], "grm": [0.9, 0.8]},
                        cells=((64, 8), (128, 16)))
     table = report.capacity_table(res)
-    assert "| variant | L=64 (n=8) | L=128 (n=16) |" in table
+    assert "| variant | L=64 (n≤8) | L=128 (n≤16) |" in table
     # linear: a fixed 2 heads x 4 x 4 state; grm: 15 then 31 cached states and their key sums; attention: KV
     assert "| `linear` | 32 | 32 |" in table
     assert f"| `grm` | {32 + 15 * 32 + 16 * 8:,} | {32 + 31 * 32 + 32 * 8:,} |" in table

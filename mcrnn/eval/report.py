@@ -277,11 +277,14 @@ def capacity_state(res: dict) -> dict[str, dict[int, int]]:
 
 
 def capacity_table(res: dict) -> str:
-    """Floats each variant holds at each evaluated length, next to the key-value pairs that length carries."""
+    """Floats each variant holds at each evaluated length, next to the most key-value pairs measured there."""
     state = capacity_state(res)
-    pairs = {L: n for c in mqar_cells(res).values() for L, n in c}
+    pairs: dict = defaultdict(set)
+    for c in mqar_cells(res).values():
+        for L, n in c:
+            pairs[L].add(n)
     lens = sorted(pairs)
-    head = ["variant"] + [f"L={L} (n={pairs[L]})" for L in lens]
+    head = ["variant"] + [f"L={L} (n≤{max(pairs[L])})" for L in lens]
     return md_table(head, [[f"`{v}`"] + [f"{s[L]:,}" for L in lens] for v, s in state.items()])
 
 
