@@ -761,7 +761,8 @@ def evaluate_check(chk: dict, results: dict[str, dict]) -> tuple[str, str]:
             v, d, _ = contrast(vals, {mc: sign, base: -sign * (1 - f), best: -sign * f}, rule)
             verdicts.append(v)
             gap = mean[best] - mean[base]
-            closed = f"{100 * (mean[mc] - mean[base]) / gap:.0f}%" if gap else "–"
+            # a gap of about 0.01 or less (best no better than base) gives no meaningful percentage
+            closed = f"{100 * (mean[mc] - mean[base]) / gap:.0f}%" if gap > 0.01 else "no gap: –"
             texts.append(f"{show(base, vals)} → {show(mc, vals)} vs {show(best, vals)} ({closed} of the gap "
                          f"closed, {_relation(v, d, rule, n)} {100 * f:.0f}%)")
         elif kind == "ratio":
