@@ -399,20 +399,23 @@ def lm_table(res: dict) -> str:
         return _mean(r["value"] for r in rs) if rs else None
 
     for v in info:
-        pos = sorted(lm_rows(res, "loss_by_position").get(v, []), key=lambda r: r["bucket_start"])
-        trend = f"{pos[0]['value']:.3f} → {pos[-1]['value']:.3f}" if pos else "–"
+        buckets: dict = defaultdict(list)  # bucket -> its value per seed
+        for r in lm_rows(res, "loss_by_position").get(v, []):
+            buckets[r["bucket_start"]].append(r["value"])
+        pos = [_mean(buckets[b]) for b in sorted(buckets)]
+        trend = f"{pos[0]:.3f} → {pos[-1]:.3f}" if pos else "–"
         rows.append([f"`{v}`", f"{info[v]['params']:,}", fmt(one("ppl", v), 2), fmt(one("ar_hit_loss", v)),
                      fmt(one("other_loss", v)), fmt(one("ar_hit_fraction", v)), trend])
     return md_table(head, rows)
 
 
 def extrapolation(res: dict) -> dict[tuple[str, str], dict[int, float]]:
-    """``{(variant, mode): {multiplier: perplexity}}``."""
-    out: dict = defaultdict(dict)
+    """``{(variant, mode): {multiplier: perplexity, mean over seeds}}``."""
+    out: dict = defaultdict(lambda: defaultdict(list))
     for v, rs in lm_rows(res, "ppl_extrapolation").items():
         for r in rs:
-            out[(v, r["mode"])][r["multiplier"]] = r["value"]
-    return dict(out)
+            out[(v, r["mode"])][r["multiplier"]].append(r["value"])
+    return {k: {m: _mean(xs) for m, xs in c.items()} for k, c in out.items()}
 
 
 def extrapolation_table(res: dict) -> str:
@@ -894,9 +897,11 @@ def build(results: dict[str, dict], out: str | Path = "docs/results.md",
           else []),
         f"![niah]({rel}/{niah_plot(res, figs / 'niah.png').name})", ""])
     doc += section("Language modelling, length extrapolation and post-training MC", "lm", lambda res: [
-        lm_table(res), "",
-        "Perplexity on longer windows of the held-out split; `post_training_mc` is the model trained with "
-        "`aggregation: none` read with `aggregation: mean, init: independent, segment_size: L` (same weights):", "",
+        "Means over seeds:", "", lm_table(res), "",
+        "Perplexity on longer windows of the held-out split (means over seeds); `post_training_mc` is the model "
+        "trained with `aggregation: none` read with `aggregation: mean, init: independent, segment_size: L` (same "
+        "weights), `post_training_residual` the same with `residual`, `post_training_online<w>` with `mean` and "
+        "the online read's share fixed at `w`:", "",
         extrapolation_table(res), "",
         f"![extrapolation]({rel}/{extrapolation_plot(res, figs / 'extrapolation.png').name})", ""])
     doc += section("Throughput and memory of whole models", "throughput", lambda res: [
