@@ -9,55 +9,27 @@ at realistic sizes on CUDA.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from mcrnn.ops.linear.chunk import linear_scan
 from tests.helpers import assert_close
-
-_CUDA = torch.cuda.is_available()
-_SET_INTERPRET = not _CUDA and "TRITON_INTERPRET" not in os.environ
-if _SET_INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-    import mcrnn.ops.triton as mt
-finally:
-    if _SET_INTERPRET:
-        del os.environ["TRITON_INTERPRET"]
-
-#: the kernels can run in this process: compiled on CUDA, or interpreted because triton was first imported here
-RUNNABLE = _CUDA or mt.INTERPRET
-NOT_RUNNABLE = ("triton was imported in GPU mode before this module (transformers imports torch._dynamo, which "
-                "imports triton) and there is no CUDA: test_interpreter_in_fresh_process runs this file instead")
-
-ROOT = Path(__file__).resolve().parents[1]
-DEVICE = "cpu" if mt.INTERPRET else "cuda"
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not _CUDA or mt.INTERPRET, reason="needs a CUDA device (compiled kernels)")
+from tests.triton_setup import (
+    DEVICE,
+    fresh_process_only,
+    gpu,
+    kernels_runnable,  # noqa: F401 (an autouse fixture: it must be in the module)
+    mt,
+    needs_cuda,
+    run_in_fresh_process,
+)
 
 
-@pytest.fixture(autouse=True)
-def _kernels_runnable(request):
-    if not RUNNABLE and request.node.originalname != "test_interpreter_in_fresh_process":
-        pytest.skip(NOT_RUNNABLE)
-
-
-@pytest.mark.skipif(RUNNABLE, reason="the kernels run in this process")
+@fresh_process_only
 def test_interpreter_in_fresh_process():
     """When an earlier test module imported triton in GPU mode on a CPU-only machine (the whole suite in one
     process), this module's interpreter tests run in a fresh process, where it imports triton first."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow and not gpu",
-           str(Path(__file__).resolve())]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+    run_in_fresh_process(__file__)
 
 
 # ---------------------------------------------------------------- the reference: the recurrence, token by token
