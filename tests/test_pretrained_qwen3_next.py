@@ -15,6 +15,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from helpers import assert_close  # noqa: E402
+from pretrained_helpers import adapted, prefill_and_decode, random_ids  # noqa: E402
+from pretrained_helpers import greedy as generate_greedy  # noqa: E402
 from transformers import DynamicCache, Qwen3NextConfig, Qwen3NextForCausalLM  # noqa: E402
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet  # noqa: E402
 
@@ -53,33 +55,11 @@ def base_model() -> Qwen3NextForCausalLM:
 
 
 def ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def adapted(base, seed: int = 2, **settings) -> Qwen3NextForCausalLM:
-    """A copy of `base` with MC; a scored aggregation gets random (as if trained) `u_proj` weights."""
-    model = mcrnn.add_memory_caching(copy.deepcopy(base), **settings)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in mcp.mc_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
-
-
-@torch.no_grad()
-def prefill_and_decode(model, x: torch.Tensor, n_prefill: int, cache=None, hidden: bool = False) -> torch.Tensor:
-    """Logits of `x` from a prefill of `n_prefill` tokens, then one token at a time through `cache` (default: a
-    fresh `DynamicCache`). `hidden`: the last hidden states instead."""
-    cache = DynamicCache(config=model.config) if cache is None else cache
-    outs = [model(x[:, :n_prefill], cache=cache, use_cache=True, output_hidden_states=hidden)]
-    for t in range(n_prefill, x.shape[1]):
-        outs.append(model(x[:, t:t + 1], cache=cache, use_cache=True, output_hidden_states=hidden))
-    return torch.cat([o.hidden_states[-1] if hidden else o.logits for o in outs], dim=1)
+    return random_ids(B, T, VOCAB, seed)
 
 
 def greedy(model, prompt, use_cache=True, **kw):
-    return model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=use_cache, output_scores=True,
-                          return_dict_in_generate=True, pad_token_id=0, **kw)
+    return generate_greedy(model, prompt, 6, use_cache, **kw)
 
 
 def test_adapts_only_the_gated_deltanet_layers(base_model):
