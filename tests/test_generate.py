@@ -91,23 +91,25 @@ def test_decode_equals_forward_memories(memory, aggregation, segmentation, init)
 
 
 @pytest.mark.parametrize("mixer", ["attention", ["attention", "mc"]])
-def test_decode_equals_forward_attention_and_hybrid(mixer):
-    model = model_of(mixer=mixer)
+@pytest.mark.parametrize("attention_conv_size", [0, 3])
+def test_decode_equals_forward_attention_and_hybrid(mixer, attention_conv_size):
+    model = model_of(mixer=mixer, attention_conv_size=attention_conv_size)
     ids = torch.randint(1, V, (2, 13))
     full = model(ids).logits
     assert _rel(decode_logits(model, ids, 6), full) < 1e-4
 
 
 @pytest.mark.parametrize(
-    "mixer,memory", [("mc", "linear"), ("mc", "swla"), ("mc", "dla"), ("attention", "linear"),
-                     (["mc", "attention"], "titans")]
+    "mixer,memory,attention_conv_size", [("mc", "linear", 0), ("mc", "swla", 0), ("mc", "dla", 0),
+                                         ("attention", "linear", 0), ("attention", "linear", 4),
+                                         (["mc", "attention"], "titans", 0)]
 )
-def test_left_padding_decode_equals_forward(mixer, memory):
+def test_left_padding_decode_equals_forward(mixer, memory, attention_conv_size):
     try:
         get_memory(memory)
     except ValueError:
         pytest.skip(f"memory {memory!r} is not registered")
-    model = model_of(mixer=mixer, memory=memory)
+    model = model_of(mixer=mixer, memory=memory, attention_conv_size=attention_conv_size)
     ids = torch.randint(1, V, (3, 14))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0

@@ -158,9 +158,10 @@ def test_masked_token_leaves_the_memory_unchanged(memory):
     assert any(not torch.allclose(layer.mem.readable(cache[0].mc.online)[n], before[n]) for n in before)
 
 
-def test_attention_decode_and_padding():
+@pytest.mark.parametrize("conv_size", [0, 4])
+def test_attention_decode_and_padding(conv_size):
     torch.manual_seed(0)
-    layer = Attention(D, H, layer_idx=0)
+    layer = Attention(D, H, layer_idx=0, conv_size=conv_size)
     x = torch.randn(2, 10, D)
     full = layer(x)[0]
     cache = MCCache(num_layers=1)
@@ -180,3 +181,17 @@ def test_attention_decode_and_padding():
     y = x.clone()
     y[:, 6:] = 0
     torch.testing.assert_close(layer(y)[0][:, :6], full[:, :6])
+
+
+def test_attention_short_convolution_mixes_the_previous_tokens():
+    torch.manual_seed(0)
+    layer = Attention(D, H, layer_idx=0, conv_size=2)
+    x = torch.randn(1, 6, D)
+    y = x.clone()
+    y[:, 2] = 0  # token 3 sees token 2 through its key and value convolution, token 4 only through attention
+    a, b = layer(x)[0], layer(y)[0]
+    torch.testing.assert_close(a[:, :2], b[:, :2])
+    assert not torch.allclose(a[:, 3], b[:, 3])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="conv_size"):
+            Attention(D, H, conv_size=bad)

@@ -170,7 +170,7 @@ def test_post_training_mc_at_load_time(tmp_path):
     [("mixer", "rnn"), ("mixer", ["mc"]), ("memory", "gru"), ("aggregation", "max"),
      ("segmentation", "boundaries"), ("init", "zeros"), ("segment_size", 0), ("num_heads", 0),
      ("hidden_size", 3.5), ("expand_v", -1.0),
-     ("memory_depth", 3), ("head_dim", 0), ("norm_eps", 0.0), ("use_u", "yes")],
+     ("memory_depth", 3), ("head_dim", 0), ("norm_eps", 0.0), ("use_u", "yes"), ("attention_conv_size", -1)],
 )
 def test_bad_config_raises_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):

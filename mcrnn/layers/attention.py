@@ -1,4 +1,4 @@
-"""Causal softmax attention with RoPE (the Transformer baseline) and a KV cache."""
+"""Causal softmax attention with RoPE (the Transformer baseline), an optional short convolution, and a KV cache."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcrnn.layers.cache import MCCache
-from mcrnn.layers.utils import check_padding_mask, rotary
+from mcrnn.layers.utils import ShortConvolution, check_padding_mask, rotary
 
 
 class Attention(nn.Module):
@@ -16,6 +16,10 @@ class Attention(nn.Module):
     Shapes: `hidden_states: [B, T, D]` -> `[B, T, D]`; `num_heads` heads of `head_dim`.
     Positions (`position_ids: [B, T]`) default to the count of kept tokens before each token (padding
     excluded), continuing from the cache; padded keys (`attention_mask` 0) are never attended.
+    `conv_size > 0` passes q, k, v through the causal depthwise short convolution (+ SiLU) the Memory Caching
+    layers use, before RoPE, so that attention and the recurrent mixers see the same local mixing (one layer
+    can then do associative recall: a key's projection already holds the token before it); 0 is the plain
+    Transformer. Padded tokens feed zeros to the convolution, as in the Memory Caching layers.
     """
 
     def __init__(
@@ -26,6 +30,7 @@ class Attention(nn.Module):
         rope_theta: float = 10000.0,
         max_position_embeddings: int | None = None,
         layer_idx: int | None = None,
+        conv_size: int = 0,
     ):
         super().__init__()
         self.hidden_size, self.num_heads = hidden_size, num_heads
@@ -39,6 +44,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, HD, bias=False)
         self.v_proj = nn.Linear(hidden_size, HD, bias=False)
         self.o_proj = nn.Linear(HD, hidden_size, bias=False)
+        if not isinstance(conv_size, int) or isinstance(conv_size, bool) or conv_size < 0:
+            raise ValueError(f"`conv_size` must be an integer >= 0 (0: no short convolution), got {conv_size!r}")
+        self.conv = ShortConvolution(3 * HD, conv_size) if conv_size > 0 else None
 
     def forward(
         self,
@@ -73,9 +81,18 @@ class Attention(nn.Module):
             else:
                 position_ids = torch.arange(past, S, device=hidden_states.device).expand(B, T)
 
-        q = self.q_proj(hidden_states).view(B, T, H, D).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(B, T, H, D).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(B, T, H, D).transpose(1, 2)
+        x = hidden_states
+        if self.conv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            if mask is not None:  # a padded token feeds zeros to the convolution
+                x = x * mask[:, -T:, None].to(x.dtype)
+            qkv, conv_state = self.conv(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1),
+                                        state.conv if state is not None else None)
+            if state is not None and use_cache:
+                state.conv = conv_state
+            q, k, v = qkv.split(H * D, dim=-1)
+        q, k, v = (t.reshape(B, T, H, D).transpose(1, 2) for t in (q, k, v))
         q, k = rotary(q, position_ids, self.rope_theta), rotary(k, position_ids, self.rope_theta)
         if state is not None and state.keys is not None:
             k = torch.cat([state.keys, k], dim=2)

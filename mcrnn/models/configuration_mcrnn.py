@@ -47,6 +47,8 @@ class MCConfig(PretrainedConfig):
             `MCRNN_BACKEND`, else "auto"; see :class:`mcrnn.ops.MCSpec`).
         conv_size: kernel of the short convolution; norm_eps: RMSNorm epsilon.
         max_position_embeddings, rope_theta: RoPE of the attention layers.
+        attention_conv_size: kernel of a short convolution on the attention layers' q, k, v, the one the Memory
+            Caching layers have (0: none, the plain Transformer).
     """
 
     model_type = "mcrnn"
@@ -88,6 +90,7 @@ class MCConfig(PretrainedConfig):
         allow_neg_eigval: bool = False,
         fixed_gates: list[str] | None = None,
         online_weight: float | None = None,
+        attention_conv_size: int = 0,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -125,6 +128,7 @@ class MCConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
+        self.attention_conv_size = attention_conv_size
         self.use_cache = use_cache
         super().__init__(
             tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
@@ -198,6 +202,9 @@ class MCConfig(PretrainedConfig):
             raise ValueError(
                 f"`expand_v` ({self.expand_v}) times head_dim ({self.head_dim}) must be an integer >= 1"
             )
+        acs = self.attention_conv_size
+        if not _is_int(acs) or acs < 0:
+            raise ValueError(f"`attention_conv_size` must be an integer >= 0 (0: no short convolution), got {acs!r}")
         for name in ("norm_eps", "initializer_range", "rope_theta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:

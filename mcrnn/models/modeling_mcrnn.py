@@ -87,6 +87,7 @@ def make_mixer(config: MCConfig, layer_idx: int) -> nn.Module:
         return Attention(
             config.hidden_size, config.num_heads, head_dim=config.head_dim, rope_theta=config.rope_theta,
             max_position_embeddings=config.max_position_embeddings, layer_idx=layer_idx,
+            conv_size=config.attention_conv_size,
         )
     return MemoryCachingAttention(
         config.hidden_size, config.num_heads, head_dim=config.head_dim, head_v_dim=config.head_v_dim,
