@@ -210,6 +210,17 @@ def test_run_task_trains_reuses_and_writes_results(tmp_path):
     again = run_task("mqar", path, out=tmp_path / "out")
     assert all(r["reused"] for r in again["runs"])
     assert [r["rows"] for r in again["runs"]] == [r["rows"] for r in res["runs"]]  # the same models
+    # the evaluation of an unchanged run is reused too; other eval settings (or no eval.json) measure again
+    assert all(r["wall_eval_s"] == r0["wall_eval_s"] for r, r0 in zip(again["runs"], res["runs"], strict=True))
+    for f in (tmp_path / "out" / "runs" / "grm").glob("seed*/eval.json"):
+        f.unlink()
+    fewer = run_task("mqar", path, out=tmp_path / "out", overrides={"eval": {"num_examples": 4}}, only=["linear"])
+    remeasured = run_task("mqar", path, out=tmp_path / "out", only=["grm", "linear"])
+    assert {r["eval"]["num_examples"] for r in fewer["runs"]} == {4}
+    assert {r["eval"]["num_examples"] for r in remeasured["runs"]} == {8}
+    for r in fewer["runs"] + remeasured["runs"]:
+        assert r["reused"]
+        assert r["wall_eval_s"] != next(x["wall_eval_s"] for x in res["runs"] if x["variant"] == r["variant"])
     # a changed schedule is not the finished run: it trains again
     longer = run_task("mqar", path, out=tmp_path / "out", overrides={"base": {"train": {"steps": 3}}},
                       only=["grm"])

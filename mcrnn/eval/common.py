@@ -24,7 +24,9 @@ candidate's metric under ``tuned``.
 
 Run ``r`` of variant ``v`` and seed ``s`` trains into ``OUT/runs/v/seed{s}/`` (the trainer's usual files). A
 run whose checkpoint already holds the finished schedule of the same model/data/train sections is reused,
-so an interrupted sweep restarts where it stopped and ``--eval-only`` re-measures without retraining.
+so an interrupted sweep restarts where it stopped. A reused run is not measured again either when its
+``eval.json`` was written with the same ``eval`` section for the same checkpoint (delete that file, or pass
+``--retrain``, to measure it again).
 Each finished run's record (params, training time, the task's rows) is written to ``OUT/runs/v/seed{s}/
 eval.json`` and all of them to ``OUT/results.json`` together with the command, the experiment file, the git
 commit, the machine and the wall time: every number a report quotes can be traced to what produced it.
@@ -352,15 +354,21 @@ def _one_run(args) -> dict:
     t0 = time.perf_counter()
     model, info = train_or_load(cfg, retrain=retrain)
     t1 = time.perf_counter()
+    path = Path(cfg.train.out_dir) / "eval.json"
+    if info["reused"]:
+        old = json.loads(path.read_text()) if path.exists() else {}
+        same_ckpt = all(old.get(k) == info[k] for k in ("params", "train_seconds"))
+        if same_ckpt and old.get("eval") == exp.eval and old.get("model") == cfg.model:
+            print(f"[{exp.task}] {variant} seed {seed}: reused with its evaluation", flush=True)
+            return {**old, "reused": True}
     torch.manual_seed(seed)
     rows = evaluate(model, cfg, exp.eval, variant)
     # the state census knows mcrnn's own models only
     state = state_counts(cfg.model, cfg.data.seq_len) if cfg.train.init_from is None else {}
     rec = {"variant": variant, "seed": seed, **info, "state_floats": sum(state.values()), "state": state,
            "model": cfg.model, "train_seq_len": cfg.data.seq_len, "train_steps": cfg.train.steps,
-           "lr": cfg.train.lr,
+           "lr": cfg.train.lr, "eval": exp.eval,
            "wall_train_s": t1 - t0, "wall_eval_s": time.perf_counter() - t1, "rows": rows}
-    path = Path(cfg.train.out_dir) / "eval.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(rec, indent=1))
     os.replace(tmp, path)
