@@ -308,8 +308,9 @@ def test_claims_from_fixture():
     assert len(rows) == 8 and len(report.load_claims()) == 8
     mc = rows["MC beats its base RNN everywhere"]
     assert mc[1] == "yes" and "L=128, n=8: residual 0.450 ± 0.029 > linear 0.250 ± 0.029" in mc[0]
-    # the niah and lm checks compare grm alone
-    assert "S-NIAH mean: grm 0.510 ± 0.006 > linear 0.010 ± 0.006 (yes)" in mc[0]
+    # the fixture's niah has no ssc and its mqar no gdn: those drop out of the checks, which say so
+    assert "S-NIAH mean: grm 0.510 ± 0.006 > linear 0.010 ± 0.006 (no ssc in niah) (yes)" in mc[0]
+    assert "MQAR (Gated DeltaNet): nothing to compare (no gdn_grm, gdn in mqar) (not measured)" in mc[0]
     assert "perplexity: grm 5.01 ± 0.01 < linear 6.01 ± 0.01 (yes)" in mc[0]
     order = rows["GRM > Soup > SSC > Residual > base (accuracy)"]
     assert order[1] == "yes"

@@ -159,7 +159,9 @@ def test_quick_run(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["variant"] for r in saved["runs"]] == [r["variant"] for r in res["runs"]]
     assert {r["variant"] for r in saved["runs"]} == {"attention", "linear", "linear_nodecay", "grm"}
-    assert "tuned" not in saved  # one learning rate for all in lm.yaml
+    # every variant's learning rate is tuned (the quick file has one candidate)
+    assert set(saved["tuned"]) == {"attention", "linear", "linear_nodecay", "grm"}
+    assert all(r["lr"] == 3.0e-3 for r in saved["runs"])
     for run in saved["runs"]:
         metrics = {row["metric"] for row in run["rows"]}
         assert {"ppl", "loss_by_position", "ar_hit_loss", "other_loss", "ar_hit_fraction",

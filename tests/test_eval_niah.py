@@ -152,7 +152,7 @@ def test_quick_run(tmp_path):
     torch.manual_seed(0)
     res = run_task("niah", "configs/eval/niah.yaml", out=tmp_path, quick=True)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["task"] == "niah" and [r["variant"] for r in saved["runs"]] == ["attention", "linear", "grm"]
+    assert saved["task"] == "niah" and [r["variant"] for r in saved["runs"]] == ["attention", "linear", "grm", "ssc"]
     spec = res["config"]["eval"]
     L0 = res["config"]["base"]["data"]["seq_len"]
     want = {(v, m * L0, d) for v in spec["variants"] for m in spec["length_multipliers"]
