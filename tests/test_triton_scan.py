@@ -16,20 +16,14 @@ from mcrnn.ops.linear.chunk import linear_scan
 from tests.helpers import assert_close
 from tests.triton_setup import (
     DEVICE,
-    fresh_process_only,
+    fresh_process_test,
     gpu,
     kernels_runnable,  # noqa: F401 (an autouse fixture: it must be in the module)
     mt,
     needs_cuda,
-    run_in_fresh_process,
 )
 
-
-@fresh_process_only
-def test_interpreter_in_fresh_process():
-    """When an earlier test module imported triton in GPU mode on a CPU-only machine (the whole suite in one
-    process), this module's interpreter tests run in a fresh process, where it imports triton first."""
-    run_in_fresh_process(__file__)
+test_interpreter_in_fresh_process = fresh_process_test(__file__)
 
 
 # ---------------------------------------------------------------- the reference: the recurrence, token by token

@@ -55,3 +55,15 @@ def run_in_fresh_process(test_file: str) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+
+
+def fresh_process_test(test_file: str):
+    """The test a kernel test module binds as `test_interpreter_in_fresh_process = fresh_process_test(__file__)`."""
+
+    @fresh_process_only
+    def test_interpreter_in_fresh_process():
+        """When an earlier test module imported triton in GPU mode on a CPU-only machine (the whole suite in one
+        process), the module's interpreter tests run in a fresh process, where it imports triton first."""
+        run_in_fresh_process(test_file)
+
+    return test_interpreter_in_fresh_process
